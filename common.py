@@ -1,0 +1,978 @@
+"""TRAIN (Topology-pReserving Adversarial traINing): the shared core.
+
+Sections, in the order data flows:
+  1. data        2. models        3. attacks        4. losses and methods
+  5. training    6. evaluation    7. run I/O and CLI
+Experiment scripts (exp_*.py) hold the paper's settings and call `main(defaults)`.
+Inputs are in [0, 1] everywhere; no normalisation happens outside the models.
+"""
+import argparse
+import json
+import math
+import os
+import platform
+import random
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from kernels import topology_loss
+
+
+class UserError(Exception):
+    """Bad input from a person: main() prints the message on one line and exits with code 2."""
+
+
+class Diverged(Exception):
+    """A NaN/inf loss: the run stops, the last good checkpoint is kept."""
+
+
+# =====================================================================================
+# 1. data
+# =====================================================================================
+@dataclass
+class Data:
+    """A whole data set as uint8 NCHW tensors on the training device."""
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+    num_classes: int
+    class_names: list = field(default_factory=list)
+
+
+NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test")
+TORCHVISION_SETS = {"cifar10": ("CIFAR10", 10), "cifar100": ("CIFAR100", 100)}
+
+
+def load_npz(path):
+    """Arrays with the schema of shared/data/README.md: x_* uint8 NHWC, y_* int."""
+    if not os.path.isfile(path):
+        raise UserError(f"data file {path} not found (expected an .npz with keys {', '.join(NPZ_KEYS)})")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            missing = [k for k in NPZ_KEYS if k not in z.files]
+            if missing:
+                raise UserError(f"data file {path} lacks the keys {missing}; it needs {', '.join(NPZ_KEYS)}")
+            arrays = {k: z[k] for k in NPZ_KEYS}
+            names = [str(c) for c in z["class_names"]] if "class_names" in z.files else []
+    except (OSError, ValueError) as e:
+        raise UserError(f"could not read data file {path}: {e}")
+    for k in ("x_train", "x_test"):
+        a = arrays[k]
+        if a.dtype != np.uint8 or a.ndim != 4 or a.shape[-1] != 3:
+            raise UserError(f"data file {path}: {k} must be uint8 NHWC with 3 channels, got {a.dtype} {a.shape}")
+    return arrays, names
+
+
+def load_torchvision(name, root):
+    """CIFAR-10/100 through torchvision; downloads when the files are missing."""
+    import torchvision
+    cls_name, _ = TORCHVISION_SETS[name]
+    cls = getattr(torchvision.datasets, cls_name)
+    try:
+        sets = [cls(root, train=t, download=True) for t in (True, False)]
+    except Exception as e:  # no network, broken archive, ...
+        raise UserError(f"could not load {name} from {root} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+                        f"run once with internet access to download it, or pass --data-file X.npz")
+    arrays = {"x_train": sets[0].data, "y_train": np.asarray(sets[0].targets),
+              "x_test": sets[1].data, "y_test": np.asarray(sets[1].targets)}
+    return arrays, list(sets[0].classes)
+
+
+def to_device_uint8(x_nhwc, device):
+    return torch.from_numpy(np.ascontiguousarray(x_nhwc)).permute(0, 3, 1, 2).contiguous().to(device)
+
+
+def load_data(cfg, device):
+    """Load the configured data set; subset it with --train-n / --test-n (0 = all)."""
+    if cfg.data_file:
+        arrays, names = load_npz(cfg.data_file)
+    else:
+        arrays, names = load_torchvision(cfg.dataset, cfg.data_dir)
+    if cfg.train_n:
+        arrays["x_train"], arrays["y_train"] = arrays["x_train"][:cfg.train_n], arrays["y_train"][:cfg.train_n]
+    if cfg.test_n:
+        arrays["x_test"], arrays["y_test"] = arrays["x_test"][:cfg.test_n], arrays["y_test"][:cfg.test_n]
+    y_all = np.concatenate([arrays["y_train"], arrays["y_test"]])
+    num_classes = max(len(names), int(y_all.max()) + 1)
+    return Data(to_device_uint8(arrays["x_train"], device), torch.as_tensor(arrays["y_train"], dtype=torch.long, device=device),
+                to_device_uint8(arrays["x_test"], device), torch.as_tensor(arrays["y_test"], dtype=torch.long, device=device),
+                num_classes, names)
+
+
+def epoch_plan(n, seed, epoch, pad=4):
+    """Order and augmentation of one epoch, a pure function of (seed, epoch) so a resumed
+    run replays exactly the batches an uninterrupted run would have seen."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    perm = torch.randperm(n, generator=g)
+    offsets = torch.randint(0, 2 * pad + 1, (n, 2), generator=g)
+    flips = torch.rand(n, generator=g) < 0.5
+    return perm, offsets, flips
+
+
+def augment(x_u8, offsets, flips, pad=4):
+    """Random crop with `pad`-pixel zero padding and horizontal flip, on the device; -> float in [0,1]."""
+    b, c, h, w = x_u8.shape
+    dev = x_u8.device
+    xp = F.pad(x_u8, (pad, pad, pad, pad))
+    offsets, flips = offsets.to(dev), flips.to(dev)
+    rows = (offsets[:, 0, None] + torch.arange(h, device=dev))[:, None, :, None]
+    cols = (offsets[:, 1, None] + torch.arange(w, device=dev))[:, None, None, :]
+    out = xp[torch.arange(b, device=dev)[:, None, None, None], torch.arange(c, device=dev)[None, :, None, None], rows, cols]
+    out = torch.where(flips[:, None, None, None], out.flip(3), out)
+    return out.float().div_(255)
+
+
+def to_float(x_u8):
+    return x_u8.float().div_(255)
+
+
+# =====================================================================================
+# 2. models   (every model: forward(x, return_features=False) -> logits or (features, logits))
+# =====================================================================================
+class Classifier(nn.Module):
+    """Penultimate features from `embed`, logits from `fc`; AutoAttack sees logits only."""
+    feature_dim: int
+
+    def forward(self, x, return_features=False):
+        f = self.embed(x)
+        z = self.fc(f)
+        return (f, z) if return_features else z
+
+
+class CNNSmall(Classifier):
+    """A small CNN for tests and --quick runs (three conv stages, 128-d features)."""
+
+    def __init__(self, num_classes=10, width=32):
+        super().__init__()
+        w = width
+        layers, c_in = [], 3
+        for c_out, stride in ((w, 1), (2 * w, 2), (4 * w, 2)):
+            layers += [nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)]
+            c_in = c_out
+        self.body = nn.Sequential(*layers)
+        self.feature_dim = c_in
+        self.fc = nn.Linear(c_in, num_classes)
+
+    def embed(self, x):
+        return F.adaptive_avg_pool2d(self.body(x), 1).flatten(1)
+
+
+class BasicBlock(nn.Module):
+    expansion = 1
+
+    def __init__(self, c_in, c_out, stride=1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c_out)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or c_in != c_out:
+            self.shortcut = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out))
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return F.relu(out + self.shortcut(x))
+
+
+class PreActBlock(nn.Module):
+    def __init__(self, c_in, c_out, stride=1):
+        super().__init__()
+        self.bn1 = nn.BatchNorm2d(c_in)
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
+        if stride != 1 or c_in != c_out:
+            self.shortcut = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False))
+
+    def forward(self, x):
+        out = F.relu(self.bn1(x))
+        shortcut = self.shortcut(out) if hasattr(self, "shortcut") else x
+        out = self.conv1(out)
+        out = self.conv2(F.relu(self.bn2(out)))
+        return out + shortcut
+
+
+class ResNet(Classifier):
+    """CIFAR ResNet (3x3 stem, no max-pool). `strides` per stage: (1,2,2,2) is the usual
+    ResNet-18 (4x4 final maps on 32x32); (1,1,2,2) is LBGAT's variant (8x8 final maps)."""
+
+    def __init__(self, block, num_blocks, num_classes=10, strides=(1, 2, 2, 2), preact=False):
+        super().__init__()
+        self.preact = preact
+        self.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
+        if not preact:
+            self.bn1 = nn.BatchNorm2d(64)
+        c_in, stages = 64, []
+        for c_out, n, stride in zip((64, 128, 256, 512), num_blocks, strides):
+            blocks = []
+            for s in [stride] + [1] * (n - 1):
+                blocks.append(block(c_in, c_out, s))
+                c_in = c_out
+            stages.append(nn.Sequential(*blocks))
+        self.layer1, self.layer2, self.layer3, self.layer4 = stages
+        if preact:
+            self.bn = nn.BatchNorm2d(512)
+        self.feature_dim = 512
+        self.linear = nn.Linear(512, num_classes)
+
+    @property
+    def fc(self):
+        return self.linear
+
+    def embed(self, x):
+        out = self.conv1(x)
+        if not self.preact:
+            out = F.relu(self.bn1(out))
+        out = self.layer4(self.layer3(self.layer2(self.layer1(out))))
+        if self.preact:
+            out = F.relu(self.bn(out))
+        return F.adaptive_avg_pool2d(out, 1).flatten(1)
+
+
+class WideBlock(nn.Module):
+    """TRADES' WideResNet block (pre-activation); attribute names kept for checkpoint compatibility."""
+
+    def __init__(self, c_in, c_out, stride):
+        super().__init__()
+        self.bn1 = nn.BatchNorm2d(c_in)
+        self.relu1 = nn.ReLU(inplace=True)
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c_out)
+        self.relu2 = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
+        self.equal_in_out = c_in == c_out
+        self.convShortcut = None if self.equal_in_out else nn.Conv2d(c_in, c_out, 1, stride, 0, bias=False)
+
+    def forward(self, x):
+        out = self.relu1(self.bn1(x))
+        if not self.equal_in_out:
+            x = out  # TRADES: the shortcut of a widening block sees the activated input
+        out = self.conv2(self.relu2(self.bn2(self.conv1(out))))
+        return (x if self.equal_in_out else self.convShortcut(x)) + out
+
+
+class NetworkBlock(nn.Module):
+    def __init__(self, n, c_in, c_out, stride):
+        super().__init__()
+        self.layer = nn.Sequential(*[WideBlock(c_in if i == 0 else c_out, c_out, stride if i == 0 else 1) for i in range(n)])
+
+    def forward(self, x):
+        return self.layer(x)
+
+
+class WideResNet(Classifier):
+    """TRADES' WideResNet-34-10 (640-d features). Its unused `sub_block1` is not built, but
+    checkpoints that contain it (TRADES, LBGAT) load: those keys are dropped on load."""
+
+    def __init__(self, num_classes=10, depth=34, widen=10):
+        super().__init__()
+        n = (depth - 4) // 6
+        ch = [16, 16 * widen, 32 * widen, 64 * widen]
+        self.conv1 = nn.Conv2d(3, ch[0], 3, 1, 1, bias=False)
+        self.block1 = NetworkBlock(n, ch[0], ch[1], 1)
+        self.block2 = NetworkBlock(n, ch[1], ch[2], 2)
+        self.block3 = NetworkBlock(n, ch[2], ch[3], 2)
+        self.bn1 = nn.BatchNorm2d(ch[3])
+        self.relu = nn.ReLU(inplace=True)
+        self.feature_dim = ch[3]
+        self.fc = nn.Linear(ch[3], num_classes)
+        for m in self.modules():  # TRADES' initialisation
+            if isinstance(m, nn.Conv2d):
+                nn.init.normal_(m.weight, 0, math.sqrt(2.0 / (m.kernel_size[0] * m.kernel_size[1] * m.out_channels)))
+            elif isinstance(m, nn.Linear):
+                nn.init.zeros_(m.bias)
+
+    def embed(self, x):
+        out = self.block3(self.block2(self.block1(self.conv1(x))))
+        return F.adaptive_avg_pool2d(self.relu(self.bn1(out)), 1).flatten(1)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        for k in [k for k in state_dict if k.startswith(prefix + "sub_block1.")]:
+            del state_dict[k]
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+MODELS = {
+    "cnn_small": lambda nc: CNNSmall(nc),
+    "resnet18": lambda nc: ResNet(BasicBlock, (2, 2, 2, 2), nc),
+    "resnet18_lbgat": lambda nc: ResNet(BasicBlock, (2, 2, 2, 2), nc, strides=(1, 1, 2, 2)),
+    "preact_resnet18": lambda nc: ResNet(PreActBlock, (2, 2, 2, 2), nc, preact=True),
+    "wrn34_10": lambda nc: WideResNet(nc, 34, 10),
+}
+
+
+def build_model(name, num_classes):
+    if name not in MODELS:
+        raise UserError(f"unknown model {name!r}; choose one of {', '.join(MODELS)}")
+    return MODELS[name](num_classes)
+
+
+def load_model_state(model, state):
+    """Strict load; strips the 'module.' prefix of DataParallel checkpoints."""
+    state = {k[7:] if k.startswith("module.") else k: v for k, v in state.items()}
+    model.load_state_dict(state, strict=True)
+
+
+# =====================================================================================
+# 3. attacks   (one PGD over a loss of the logits; gradients w.r.t. the input only)
+# =====================================================================================
+def ce_sum(y):
+    return lambda z: F.cross_entropy(z, y, reduction="sum")
+
+
+def kl_to_clean(p_clean):
+    """TRADES' attack loss: KL(p_clean || softmax(z)), summed over the batch."""
+    return lambda z: F.kl_div(F.log_softmax(z, dim=1), p_clean, reduction="sum")
+
+
+def cw_margin(y, kappa=50.0):
+    """CW-inf loss -clamp(z_y - max_{k != y} z_k + kappa, min=0), summed; any number of classes."""
+    def loss(z):
+        z_y = z.gather(1, y[:, None]).squeeze(1)
+        z_other = z.masked_fill(F.one_hot(y, z.shape[1]).bool(), float("-inf")).amax(dim=1)
+        return -(z_y - z_other + kappa).clamp_min(0).sum()
+    return loss
+
+
+class eval_mode:
+    """Context: model.eval() inside (attacks craft against the inference-mode model), mode restored after."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def __enter__(self):
+        self.was_training = self.model.training
+        self.model.eval()
+
+    def __exit__(self, *exc):
+        self.model.train(self.was_training)
+
+
+def pgd(model, x, loss_fn, eps, step_size, steps, start="uniform"):
+    """L-inf PGD maximising loss_fn(model(x')) over the eps-ball around x intersected with [0,1].
+
+    start: "uniform" (random in the eps-ball, Madry), "normal" (x + 0.001 N(0,1), TRADES) or "none".
+    """
+    x = x.detach()
+    if start == "uniform":
+        x_adv = x + torch.empty_like(x).uniform_(-eps, eps)
+    elif start == "normal":
+        x_adv = x + 0.001 * torch.randn_like(x)
+    else:
+        x_adv = x.clone()
+    x_adv = x_adv.clamp(0, 1)
+    with torch.enable_grad():
+        for _ in range(steps):
+            x_adv.requires_grad_(True)
+            grad, = torch.autograd.grad(loss_fn(model(x_adv)), x_adv)
+            x_adv = x_adv.detach() + step_size * grad.sign()
+            x_adv = torch.min(torch.max(x_adv, x - eps), x + eps).clamp(0, 1)
+    return x_adv.detach()
+
+
+def attack_ce(model, x, y, cfg):
+    """The CE-PGD training attack of at / alp / mart."""
+    with eval_mode(model):
+        return pgd(model, x, ce_sum(y), cfg.eps, cfg.step_size, cfg.steps, "uniform")
+
+
+def attack_kl(model, x, y, cfg):
+    """TRADES' training attack: maximise KL(M'(x) || M'(x')) from x + 0.001 N(0,1)."""
+    with eval_mode(model):
+        with torch.no_grad():
+            p_clean = F.softmax(model(x), dim=1)
+        return pgd(model, x, kl_to_clean(p_clean), cfg.eps, cfg.step_size, cfg.steps, "normal")
+
+
+# =====================================================================================
+# 4. losses and methods
+#    A base method crafts x' with its own attack and returns named loss terms of M'.
+#    Plug-ins (train, lbgat) add terms on top of any base method. The step sums all terms.
+# =====================================================================================
+class StepState:
+    """What one training step knows; forward passes are computed once and shared by all terms."""
+
+    def __init__(self, model_adv, model_std, x, y, std_trainable=True):
+        self.model_adv, self.model_std, self.x, self.y = model_adv, model_std, x, y
+        self.std_trainable = std_trainable
+        self.x_adv = None
+        self._cache = {}
+
+    def _once(self, key, fn):
+        if key not in self._cache:
+            self._cache[key] = fn()
+        return self._cache[key]
+
+    def adv_out(self):
+        """(features, logits) of M'(x')."""
+        return self._once("adv", lambda: self.model_adv(self.x_adv, return_features=True))
+
+    def nat_out(self):
+        """(features, logits) of M'(x)."""
+        return self._once("nat", lambda: self.model_adv(self.x, return_features=True))
+
+    def std_out(self):
+        """(features, logits) of the standard model M(x)."""
+        def run():
+            if self.std_trainable:
+                return self.model_std(self.x, return_features=True)
+            with torch.no_grad():
+                return self.model_std(self.x, return_features=True)
+        return self._once("std", run)
+
+
+def method_at(s, cfg):
+    """Vanilla AT (Madry et al.): CE on PGD examples."""
+    s.x_adv = attack_ce(s.model_adv, s.x, s.y, cfg)
+    return {"ce_adv": F.cross_entropy(s.adv_out()[1], s.y)}
+
+
+def trades_kl(z_adv, z_nat):
+    """KL(softmax(z_nat) || softmax(z_adv)), batchmean (TRADES' robust term)."""
+    return F.kl_div(F.log_softmax(z_adv, dim=1), F.softmax(z_nat, dim=1), reduction="batchmean")
+
+
+def method_trades(s, cfg):
+    """TRADES (Zhang et al.): CE(M'(x), y) + beta KL(M'(x) || M'(x'))."""
+    s.x_adv = attack_kl(s.model_adv, s.x, s.y, cfg)
+    z_nat, z_adv = s.nat_out()[1], s.adv_out()[1]
+    return {"ce_nat": F.cross_entropy(z_nat, s.y), "trades_kl": cfg.beta * trades_kl(z_adv, z_nat)}
+
+
+def method_alp(s, cfg):
+    """Adversarial logit pairing (Kannan et al.): 0.5 CE(x) + 0.5 CE(x') + w * MSE(logits), MSE
+    averaged over all logit entries as in the reference implementation's mean_squared_error."""
+    s.x_adv = attack_ce(s.model_adv, s.x, s.y, cfg)
+    z_nat, z_adv = s.nat_out()[1], s.adv_out()[1]
+    return {"ce_nat": 0.5 * F.cross_entropy(z_nat, s.y), "ce_adv": 0.5 * F.cross_entropy(z_adv, s.y),
+            "alp_pair": cfg.alp_weight * F.mse_loss(z_adv, z_nat)}
+
+
+def mart_terms(z_adv, z_nat, y, beta):
+    """MART (Wang et al. 2020), as in its official code (same small constants)."""
+    p_adv = F.softmax(z_adv, dim=1)
+    top2 = torch.argsort(p_adv, dim=1)[:, -2:]
+    y_wrong = torch.where(top2[:, -1] == y, top2[:, -2], top2[:, -1])  # most likely wrong class
+    bce = F.cross_entropy(z_adv, y) + F.nll_loss(torch.log(1.0001 - p_adv + 1e-12), y_wrong)
+    p_nat = F.softmax(z_nat, dim=1)
+    p_true = p_nat.gather(1, y[:, None]).squeeze(1)
+    kl = F.kl_div(torch.log(p_adv + 1e-12), p_nat, reduction="none").sum(dim=1)
+    return {"mart_bce": bce, "mart_kl": beta * (kl * (1.0000001 - p_true)).mean()}
+
+
+def method_mart(s, cfg):
+    s.x_adv = attack_ce(s.model_adv, s.x, s.y, cfg)
+    return mart_terms(s.adv_out()[1], s.nat_out()[1], s.y, cfg.beta)
+
+
+BASE_METHODS = {"at": method_at, "trades": method_trades, "alp": method_alp, "mart": method_mart}
+
+
+def ramp_a(t, total):
+    """a(t) = 2 / (1 + exp(-10 t / T)) - 1, the paper's lambda warm-up (t 1-based epoch)."""
+    return 2.0 / (1.0 + math.exp(-10.0 * t / total)) - 1.0
+
+
+def parse_lam(text):
+    """'5' -> (5.0, False); '20a' -> (20.0, True) meaning 20 * a(t)."""
+    s = str(text).strip()
+    scheduled = s.endswith("a")
+    try:
+        c = float(s[:-1] if scheduled else s)
+    except ValueError:
+        raise ValueError(f"lambda must be a number like 5 or a number followed by 'a' like 20a, got {text!r}")
+    if not math.isfinite(c) or c < 0:
+        raise ValueError(f"lambda must be a finite non-negative number, got {text!r}")
+    return c, scheduled
+
+
+def lam_at(cfg, epoch):
+    """(a(t), lambda(t)) for epoch t (1-based)."""
+    c, scheduled = parse_lam(cfg.lam)
+    a = ramp_a(epoch, cfg.epochs) if scheduled else 1.0
+    return a, c * a
+
+
+def relation_tp(f_std, f_adv, cfg):
+    """L_TP of the paper (kernels/): relative neighbour-graph preservation."""
+    return topology_loss(f_std, f_adv, reduction=cfg.tp_reduction, impl=cfg.tp_impl)
+
+
+RELATION_LOSSES = {"tp": relation_tp}
+
+
+def plugin_train(s, cfg, epoch):
+    """TRAIN: lambda(t) * L_TP(f.detach(), f'), f' from M'(x') (--tp-input adv) or M'(x) (nat)."""
+    f_std = s.std_out()[0].detach()  # M influences M' one way: no gradient to M
+    f_adv = (s.adv_out() if cfg.tp_input == "adv" else s.nat_out())[0]
+    return {"tp": lam_at(cfg, epoch)[1] * RELATION_LOSSES[cfg.relation](f_std, f_adv, cfg)}
+
+
+def plugin_lbgat(s, cfg, epoch):
+    """LBGAT guidance gamma * MSE(M'(x') logits, M(x) logits); updates both models, as in LBGAT."""
+    return {"lbgat_mse": cfg.gamma * F.mse_loss(s.adv_out()[1], s.std_out()[1])}
+
+
+PLUGINS = {"train": plugin_train, "lbgat": plugin_lbgat}
+
+
+def active_plugins(cfg):
+    return [name for name in PLUGINS if getattr(cfg, name)]
+
+
+def needs_std_model(cfg):
+    """The standard model M exists only when a plug-in uses it (plain AT/TRADES train M' alone)."""
+    return bool(active_plugins(cfg))
+
+
+# =====================================================================================
+# 5. training
+# =====================================================================================
+def lr_at(cfg, epoch):
+    """Step schedule: lr x0.1 from each milestone epoch on (1-based, as in TRADES/LBGAT)."""
+    return cfg.lr * 0.1 ** sum(epoch >= m for m in cfg.milestones)
+
+
+def make_optimizer(model, cfg):
+    return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.wd)
+
+
+def train_step(models, opts, x, y, cfg, epoch):
+    """One step of Algorithm 1: attack, forward, all loss terms, one backward, both optimisers.
+
+    models/opts: dicts with "adv" and (when a plug-in uses it) "std". Returns detached terms.
+    """
+    std = models.get("std")
+    s = StepState(models["adv"], std, x, y, std_trainable=std is not None and "std" in opts)
+    terms = BASE_METHODS[cfg.method](s, cfg)
+    for name in active_plugins(cfg):
+        terms.update(PLUGINS[name](s, cfg, epoch))
+    if "std" in opts:
+        terms["ce_std"] = F.cross_entropy(s.std_out()[1], y)  # M learns from natural images only
+    total = sum(terms.values())
+    if not torch.isfinite(total):
+        bad = [k for k, v in terms.items() if not torch.isfinite(v)]
+        raise Diverged(f"non-finite loss in epoch {epoch} (terms {bad}); lower --lr or --lam")
+    for o in opts.values():
+        o.zero_grad(set_to_none=True)
+    total.backward()
+    for o in opts.values():
+        o.step()
+    return {k: v.detach() for k, v in terms.items()}
+
+
+@torch.no_grad()
+def accuracy(model, x_u8, y, batch_size=500, attack=None):
+    """Accuracy of model on uint8 images (optionally under attack(model, x, y) -> x')."""
+    correct = 0
+    with eval_mode(model):
+        for i in range(0, len(x_u8), batch_size):
+            x, yb = to_float(x_u8[i:i + batch_size]), y[i:i + batch_size]
+            if attack is not None:
+                x = attack(model, x, yb)
+            correct += (model(x).argmax(1) == yb).sum().item()
+    return correct / max(len(x_u8), 1)
+
+
+def pgd_eval_attack(cfg, steps=None):
+    """PGD-20 of the evaluation: CE, step 0.003, uniform start (TRADES' evaluation)."""
+    steps = cfg.eval_steps if steps is None else steps
+    return lambda m, x, y: pgd(m, x, ce_sum(y), cfg.eps, cfg.eval_step_size, steps, "uniform")
+
+
+def epoch_eval(models, data, cfg, epoch):
+    """Per-epoch monitoring on the first --eval-n test images; its randomness is forked from a
+    fixed seed so it neither depends on nor disturbs the training stream."""
+    x, y = data.x_test[:cfg.eval_n], data.y_test[:cfg.eval_n]
+    with torch.random.fork_rng(devices=[x.device] if x.is_cuda else []):
+        torch.manual_seed(cfg.seed + 7919 * epoch)
+        out = {"nat_acc": accuracy(models["adv"], x, y),
+               f"pgd{cfg.eval_steps}_acc": accuracy(models["adv"], x, y, attack=pgd_eval_attack(cfg))}
+    if "std" in models:
+        out["std_nat_acc"] = accuracy(models["std"], x, y)
+    return out
+
+
+def rng_states():
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_states(st):
+    random.setstate(st["python"])
+    np.random.set_state(st["numpy"])
+    torch.set_rng_state(st["torch"])
+    if st["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(st["cuda"])
+
+
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def save_checkpoint(path, models, opts, progress, cfg):
+    """Atomic: write a temp file next to the target, then os.replace."""
+    state = {"models": {k: m.state_dict() for k, m in models.items()},
+             "optimizers": {k: o.state_dict() for k, o in opts.items()},
+             "progress": progress, "rng": rng_states(), "config": vars(cfg)}
+    tmp = f"{path}.tmp{os.getpid()}"
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path, device):
+    if not os.path.isfile(path):
+        raise UserError(f"checkpoint {path} not found")
+    try:
+        return torch.load(path, map_location=device, weights_only=False)
+    except Exception as e:
+        raise UserError(f"could not read checkpoint {path}: {type(e).__name__}: {e}")
+
+
+def build_models(cfg, num_classes, device):
+    models = {"adv": build_model(cfg.arch, num_classes).to(device)}
+    if needs_std_model(cfg):
+        models["std"] = build_model(cfg.std_arch, num_classes).to(device)
+    return models
+
+
+class StopFlag:
+    """Ctrl-C sets the flag; the loop saves a checkpoint at the next step boundary and stops.
+    A second Ctrl-C interrupts at once."""
+    requested = False
+
+    def __enter__(self):
+        StopFlag.requested = False
+        self.old = signal.getsignal(signal.SIGINT)
+        if self.old is not None:
+            signal.signal(signal.SIGINT, self._handler)
+        return self
+
+    def _handler(self, *_):
+        if StopFlag.requested:
+            raise KeyboardInterrupt
+        StopFlag.requested = True
+        tqdm.write("Ctrl-C: saving a checkpoint at the end of this step (Ctrl-C again to abort)")
+
+    def __exit__(self, *exc):
+        if self.old is not None:
+            signal.signal(signal.SIGINT, self.old)
+
+
+def train(cfg, run_dir, resume=False, log=print):
+    """The epoch loop: train, monitor, checkpoint (last.pt every epoch, best.pt by PGD accuracy)."""
+    device = torch.device(cfg.device)
+    seed_everything(cfg.seed)
+    data = load_data(cfg, device)
+    models = build_models(cfg, data.num_classes, device)
+    opts = {"adv": make_optimizer(models["adv"], cfg)}
+    if "std" in models:
+        opts["std"] = make_optimizer(models["std"], cfg)
+    progress = {"epoch": 0, "step": 0, "sums": {}, "best": -1.0}
+    last, best = os.path.join(run_dir, "last.pt"), os.path.join(run_dir, "best.pt")
+    if resume:
+        ck = load_checkpoint(last, device)
+        for k, m in models.items():
+            load_model_state(m, ck["models"][k])
+        for k, o in opts.items():
+            o.load_state_dict(ck["optimizers"][k])
+        progress = ck["progress"]
+        set_rng_states(ck["rng"])
+        log(f"resumed from {last}: epoch {progress['epoch']} done, {progress['step']} steps into the next")
+    n_batches = len(data.x_train) // cfg.batch_size  # drop the last incomplete batch (L_TP needs N >= 2)
+    if n_batches == 0:
+        raise UserError(f"the training set ({len(data.x_train)} images) is smaller than one batch ({cfg.batch_size})")
+    log(f"{cfg.method}{''.join(' +' + p for p in active_plugins(cfg))}: M'={cfg.arch}"
+        + (f", M={cfg.std_arch}" if "std" in models else "") + f", {len(data.x_train)} train / {len(data.x_test)} test "
+        f"images, {data.num_classes} classes, eps {cfg.eps:.4f}, device {device}")
+    with StopFlag():
+        for epoch in tqdm(range(progress["epoch"] + 1, cfg.epochs + 1), desc="epochs", initial=progress["epoch"],
+                          total=cfg.epochs, disable=None):
+            t0 = time.time() - progress["sums"].get("_seconds", 0.0)
+            lr = lr_at(cfg, epoch)
+            for o in opts.values():
+                for g in o.param_groups:
+                    g["lr"] = lr
+            for m in models.values():
+                m.train()
+            perm, offsets, flips = epoch_plan(len(data.x_train), cfg.seed, epoch)
+            sums = {k: v for k, v in progress["sums"].items() if k != "_seconds"}
+            bar = tqdm(range(progress["step"], n_batches), desc=f"epoch {epoch}", leave=False, disable=None)
+            for b in bar:
+                idx = perm[b * cfg.batch_size:(b + 1) * cfg.batch_size]
+                x = augment(data.x_train[idx.to(device)], offsets[idx], flips[idx])
+                try:
+                    terms = train_step(models, opts, x, data.y_train[idx.to(device)], cfg, epoch)
+                except Diverged as e:
+                    raise Diverged(f"{e}; the last good checkpoint is {last}") from None
+                for k, v in terms.items():
+                    sums[k] = sums.get(k, 0.0) + v.item()
+                if StopFlag.requested and b + 1 < n_batches:
+                    sums["_seconds"] = time.time() - t0
+                    save_checkpoint(last, models, opts, {**progress, "epoch": epoch - 1, "step": b + 1, "sums": sums}, cfg)
+                    log(f"interrupted: saved {last} (epoch {epoch}, step {b + 1}/{n_batches}); continue with --resume")
+                    return None
+            a, lam = lam_at(cfg, epoch)
+            row = {"epoch": epoch, "lr": lr, "a": a, "lambda": lam if cfg.train else 0.0}
+            row.update({f"loss/{k}": v / n_batches for k, v in sums.items()})
+            row["loss/total"] = sum(v for k, v in row.items() if k.startswith("loss/"))
+            row.update(epoch_eval(models, data, cfg, epoch))
+            row["seconds"] = time.time() - t0
+            metric = row[f"pgd{cfg.eval_steps}_acc"]
+            is_best = metric > progress["best"]
+            progress = {"epoch": epoch, "step": 0, "sums": {}, "best": max(metric, progress["best"])}
+            with open(os.path.join(run_dir, "metrics.jsonl"), "a") as fh:
+                fh.write(json.dumps(row) + "\n")
+            save_checkpoint(last, models, opts, progress, cfg)
+            if is_best:
+                save_checkpoint(best, models, opts, progress, cfg)
+            log(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
+            if StopFlag.requested:
+                log(f"interrupted after epoch {epoch}: {last} saved; continue with --resume")
+                return None
+    return models
+
+
+# =====================================================================================
+# 6. evaluation
+# =====================================================================================
+# (filled by the evaluation suite; training monitors with epoch_eval above)
+
+
+# =====================================================================================
+# 7. run I/O and CLI
+# =====================================================================================
+def parse_number(text):
+    """'0.031' or '8/255' -> float."""
+    try:
+        if "/" in str(text):
+            num, den = str(text).split("/")
+            return float(num) / float(den)
+        return float(text)
+    except (ValueError, ZeroDivisionError):
+        raise argparse.ArgumentTypeError(f"expected a number like 0.031 or 8/255, got {text!r}")
+
+
+def lam_arg(text):
+    try:
+        parse_lam(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e))
+    return str(text).strip()
+
+
+def int_list(text):
+    try:
+        return [int(v) for v in str(text).split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}")
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit 2
+        sys.stderr.write(f"{self.prog}: error: {message}\n")
+        sys.exit(2)
+
+
+# Settings --quick changes: a minutes-long CPU run that exercises the whole pipeline.
+QUICK = {"arch": "cnn_small", "std_arch": "cnn_small", "epochs": 5, "milestones": [4], "train_n": 3072,
+         "test_n": 1000, "eval_n": 1000, "steps": 3, "eval_steps": 5, "batch_size": 128}
+SCHEDULES = {"paper": {"epochs": 100, "milestones": [75, 90], "wd": 2e-4},
+             "las": {"epochs": 110, "milestones": [100, 105], "wd": 5e-4}}
+# Flags that do not change what is trained: left out of the run name.
+NOT_IN_NAME = {"out", "runs_dir", "resume", "overwrite", "device", "data_dir", "data_file", "dataset", "quick", "method"}
+
+
+def build_parser(defaults):
+    p = Parser(description="TRAIN: topology-preserving adversarial training (see README.md)")
+    a = p.add_argument
+    a("--dataset", choices=sorted(TORCHVISION_SETS), help="torchvision data set (downloaded to --data-dir)")
+    a("--data-dir", default="./data")
+    a("--data-file", default="", help="an .npz with x_train, y_train, x_test, y_test (uint8 NHWC) instead of torchvision")
+    a("--train-n", type=int, default=0, help="use the first N training images (0 = all)")
+    a("--test-n", type=int, default=0, help="use the first N test images (0 = all)")
+    a("--method", choices=sorted(BASE_METHODS), default="trades", help="base adversarial training method")
+    a("--train", action="store_true", help="add TRAIN's topology-preserving loss lambda * L_TP")
+    a("--lbgat", action="store_true", help="add LBGAT's logit guidance gamma * MSE(M'(x'), M(x))")
+    a("--lam", type=lam_arg, default="5", help="lambda: a number (5) or <c>a (20a) = c * a(t)")
+    a("--relation", choices=sorted(RELATION_LOSSES), default="tp", help="relation loss used by --train")
+    a("--tp-input", choices=["adv", "nat"], default="adv", help="features of M' in L_TP: M'(x') or M'(x)")
+    a("--tp-reduction", choices=["sum", "mean"], default="sum", help="L_TP reduction (sum = Eq. 14)")
+    a("--tp-impl", choices=["auto", "torch", "triton"], default="auto", help="L_TP implementation")
+    a("--beta", type=float, default=6.0, help="TRADES / MART beta")
+    a("--gamma", type=float, default=1.0, help="LBGAT guidance weight")
+    a("--alp-weight", type=float, default=0.5, help="ALP logit-pairing weight")
+    a("--arch", choices=sorted(MODELS), default="wrn34_10", help="adversarial model M'")
+    a("--std-arch", choices=sorted(MODELS), default="resnet18", help="standard model M")
+    a("--eps", type=parse_number, default=0.031, help="L-inf radius (0.031 or 8/255)")
+    a("--step-size", type=parse_number, default=0.007, help="training attack step")
+    a("--steps", type=int, default=10, help="training attack steps")
+    a("--eval-steps", type=int, default=20, help="PGD steps of the per-epoch evaluation")
+    a("--eval-step-size", type=parse_number, default=0.003, help="PGD step of the evaluation")
+    a("--eval-n", type=int, default=1000, help="test images monitored each epoch")
+    a("--schedule", choices=sorted(SCHEDULES), default="paper", help="paper: 100 ep, decay 75/90; las: 110 ep, 100/105")
+    a("--epochs", type=int, default=None)
+    a("--milestones", type=int_list, default=None, help="epochs where lr x0.1, e.g. 75,90")
+    a("--lr", type=float, default=0.1)
+    a("--momentum", type=float, default=0.9)
+    a("--wd", type=float, default=None, help="weight decay (schedule default: 2e-4 paper, 5e-4 las)")
+    a("--batch-size", type=int, default=128)
+    a("--seed", type=int, default=1)
+    a("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    a("--quick", action="store_true", help="minutes-long CPU smoke run: cnn_small, subsets, few epochs and steps")
+    a("--out", default="", help="run folder (default runs/<name from the non-default flags>)")
+    a("--runs-dir", default="runs")
+    a("--resume", action="store_true", help="continue the run in its folder from last.pt")
+    a("--overwrite", action="store_true", help="replace an existing run folder's files")
+    p.set_defaults(**defaults)
+    return p
+
+
+def parse_args(defaults, argv=None):
+    """Parse with the experiment's defaults; --quick and --schedule fill what the user did not set."""
+    parser = build_parser(defaults)
+    pre, _ = parser.parse_known_args(argv)
+    if pre.quick:
+        parser.set_defaults(**QUICK)
+    cfg = parser.parse_args(argv)
+    for k, v in SCHEDULES[cfg.schedule].items():
+        if getattr(cfg, k) is None:
+            setattr(cfg, k, v)
+    validate(cfg, parser)
+    return cfg, parser
+
+
+def validate(cfg, parser):
+    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error(f"--device {cfg.device} but CUDA is not available; use --device cpu")
+    for k in ("epochs", "batch_size", "eval_n"):
+        if getattr(cfg, k) < 1:
+            parser.error(f"--{k.replace('_', '-')} must be >= 1")
+    if cfg.batch_size < 2 and cfg.train:
+        parser.error("--batch-size must be >= 2 with --train (L_TP compares samples)")
+    for k in ("eps", "step_size", "eval_step_size"):
+        if not 0 <= getattr(cfg, k) <= 1:
+            parser.error(f"--{k.replace('_', '-')} must lie in [0, 1] (inputs are in [0, 1])")
+    if not cfg.data_file and not cfg.dataset:
+        parser.error("give --dataset or --data-file")
+
+
+def run_name(cfg, defaults, prefix):
+    """<prefix>_<method>[_<flag><value>...] from the flags that differ from the script's defaults
+    (under the same --quick and --schedule, so their implied settings stay out of the name)."""
+    base, parser = parse_args(defaults, ["--quick"] * cfg.quick + ["--schedule", cfg.schedule])
+    base.schedule = parser.get_default("schedule")
+    parts = [prefix, cfg.method]
+    for k, v in sorted(vars(cfg).items()):
+        if k in NOT_IN_NAME or v == getattr(base, k):
+            continue
+        if isinstance(v, bool):
+            parts.append(k.replace("_", "-") if v else f"no-{k}")
+        else:
+            text = ",".join(map(str, v)) if isinstance(v, list) else f"{v:g}" if isinstance(v, float) else str(v)
+            parts.append(f"{k.replace('_', '-')}-{text.replace('/', '-')}")
+    if cfg.quick:
+        parts.append("quick")
+    return "_".join(parts)
+
+
+RUN_FILES = ("config.json", "metrics.jsonl", "log.txt", "last.pt", "best.pt", "eval.json", "results.md")
+
+
+def versions():
+    out = {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__}
+    for mod in ("torchvision", "triton", "pyautoattack"):
+        try:
+            out[mod] = __import__(mod).__version__
+        except Exception:
+            out[mod] = None
+    return out
+
+
+def git_commit():
+    try:
+        here = os.path.dirname(os.path.abspath(__file__))
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=here, capture_output=True, text=True).stdout.strip()
+        return (sha + ("+dirty" if dirty else "")) or None
+    except OSError:
+        return None
+
+
+def prepare_run_dir(cfg, defaults, prefix):
+    """Pick the run folder; refuse to touch an existing run without --resume / --overwrite."""
+    run_dir = cfg.out or os.path.join(cfg.runs_dir, run_name(cfg, defaults, prefix))
+    existing = [f for f in RUN_FILES if os.path.exists(os.path.join(run_dir, f))]
+    if cfg.resume:
+        if not os.path.isfile(os.path.join(run_dir, "last.pt")):
+            raise UserError(f"--resume: no checkpoint {os.path.join(run_dir, 'last.pt')} to resume from")
+        return run_dir
+    if existing and not cfg.overwrite:
+        raise UserError(f"run folder {run_dir} already holds a run ({', '.join(existing)}); "
+                        "pass --resume to continue it, --overwrite to replace it, or --out elsewhere")
+    os.makedirs(run_dir, exist_ok=True)
+    for f in existing:
+        os.remove(os.path.join(run_dir, f))
+    return run_dir
+
+
+def resume_config(cfg, run_dir):
+    """On --resume the run's own config.json is authoritative (only the device may change)."""
+    with open(os.path.join(run_dir, "config.json")) as fh:
+        saved = json.load(fh)["config"]
+    saved.update(device=cfg.device, resume=True, overwrite=False)
+    return argparse.Namespace(**saved)
+
+
+def make_logger(run_dir):
+    path = os.path.join(run_dir, "log.txt")
+
+    def log(msg):
+        tqdm.write(msg)
+        with open(path, "a") as fh:
+            fh.write(msg + "\n")
+    return log
+
+
+def script_prefix():
+    base = os.path.basename(sys.argv[0])
+    return base[4:-3] if base.startswith("exp_") and base.endswith(".py") else "run"
+
+
+def main(defaults, argv=None, prefix=None):
+    """Entry point of every experiment script."""
+    prefix = prefix or script_prefix()
+    try:
+        cfg, _ = parse_args(defaults, argv)
+        run_dir = prepare_run_dir(cfg, defaults, prefix)
+        if cfg.resume:
+            cfg = resume_config(cfg, run_dir)
+        else:
+            with open(os.path.join(run_dir, "config.json"), "w") as fh:
+                json.dump({"config": vars(cfg), "versions": versions(), "git_commit": git_commit(),
+                           "command": " ".join([os.path.basename(sys.argv[0])] + list(sys.argv[1:] if argv is None else argv)),
+                           "started": time.strftime("%Y-%m-%d %H:%M:%S")}, fh, indent=2)
+        log = make_logger(run_dir)
+        log(f"run folder: {run_dir}")
+        train(cfg, run_dir, resume=cfg.resume, log=log)
+        return run_dir
+    except UserError as e:
+        sys.stderr.write(f"error: {e}\n")
+        sys.exit(2)
+    except Diverged as e:
+        sys.stderr.write(f"error: {e}\n")
+        sys.exit(1)

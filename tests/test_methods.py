@@ -1,0 +1,153 @@
+"""Loss terms against their formulas, one step of every method, lambda / lr schedules."""
+import argparse
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import common
+
+
+def softmax(z):
+    e = np.exp(z - z.max(axis=1, keepdims=True))
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def test_trades_kl_hand_case():
+    z_nat = torch.tensor([[0.0, 0.0]])
+    z_adv = torch.tensor([[math.log(3.0), 0.0]])  # p_adv = (3/4, 1/4)
+    want = 0.5 * math.log(0.5 / 0.75) + 0.5 * math.log(0.5 / 0.25)
+    assert common.trades_kl(z_adv, z_nat).item() == pytest.approx(want, rel=1e-6)
+
+
+def test_mart_matches_formula():
+    rng = np.random.default_rng(1)
+    z_adv, z_nat = rng.normal(size=(5, 4)), rng.normal(size=(5, 4))
+    y = np.array([0, 1, 2, 3, 1])
+    pa, pn = softmax(z_adv), softmax(z_nat)
+    ce = -np.log(pa[np.arange(5), y]).mean()
+    wrong = np.where(np.eye(4)[y] > 0, -np.inf, pa).max(axis=1)
+    bce = ce - np.log(1 - wrong).mean()
+    kl = (pn * np.log(pn / pa)).sum(axis=1)
+    robust = 6.0 * (kl * (1 - pn[np.arange(5), y])).mean()
+    t = common.mart_terms(torch.tensor(z_adv), torch.tensor(z_nat), torch.tensor(y), 6.0)
+    assert t["mart_bce"].item() == pytest.approx(bce, rel=1e-3)
+    assert t["mart_kl"].item() == pytest.approx(robust, rel=1e-3)
+
+
+def cfg_for(method, **kw):
+    base = dict(method=method, eps=0.031, step_size=0.007, steps=2, beta=6.0, gamma=1.0, alp_weight=0.5,
+                train=False, lbgat=False, lam="5", epochs=10, relation="tp", tp_input="adv",
+                tp_reduction="sum", tp_impl="torch")
+    base.update(kw)
+    return argparse.Namespace(**base)
+
+
+def test_alp_terms_hand_case():
+    class Fixed(torch.nn.Module):  # logits = mean colour per channel, features = the same
+        def forward(self, x, return_features=False):
+            f = x.mean(dim=(2, 3))
+            return (f, f) if return_features else f
+    x = torch.zeros(2, 3, 4, 4)
+    y = torch.tensor([0, 1])
+    s = common.StepState(Fixed(), None, x, y)
+    s.x_adv = torch.full_like(x, 0.5)
+    s_terms = {"ce_nat": 0.5 * math.log(3), "ce_adv": 0.5 * math.log(3), "alp_pair": 0.5 * 0.25}
+    # bypass the attack: ALP's loss given x' (logits 0 on x, 0.5 on x')
+    z_nat, z_adv = s.nat_out()[1], s.adv_out()[1]
+    got = {"ce_nat": 0.5 * F.cross_entropy(z_nat, y), "ce_adv": 0.5 * F.cross_entropy(z_adv, y),
+           "alp_pair": 0.5 * F.mse_loss(z_adv, z_nat)}
+    for k, v in s_terms.items():
+        assert got[k].item() == pytest.approx(v, rel=1e-6)
+    # and the method itself produces exactly these three names
+    terms = common.method_alp(common.StepState(Fixed(), None, x, y), cfg_for("alp"))
+    assert set(terms) == set(s_terms)
+
+
+@pytest.mark.parametrize("text,want", [("5", (5.0, False)), ("20a", (20.0, True)), ("0", (0.0, False)),
+                                       ("2.5a", (2.5, True))])
+def test_parse_lam(text, want):
+    assert common.parse_lam(text) == want
+
+
+@pytest.mark.parametrize("bad", ["abc", "a", "-1", "5b", "nan", ""])
+def test_parse_lam_rejects(bad):
+    with pytest.raises(ValueError):
+        common.parse_lam(bad)
+
+
+def test_lambda_schedule():
+    cfg = cfg_for("trades", lam="20a", epochs=100)
+    for t in (1, 10, 50, 100):
+        a = 2 / (1 + math.exp(-10 * t / 100)) - 1
+        assert common.lam_at(cfg, t) == pytest.approx((a, 20 * a))
+    assert common.lam_at(cfg_for("at", lam="5"), 3) == (1.0, 5.0)
+    assert common.lam_at(cfg, 100)[0] == pytest.approx(0.99991, abs=1e-5)
+
+
+def test_lr_schedule():
+    cfg = argparse.Namespace(lr=0.1, milestones=[75, 90])
+    assert [round(common.lr_at(cfg, e), 6) for e in (1, 74, 75, 89, 90, 100)] == [0.1, 0.1, 0.01, 0.01, 0.001, 0.001]
+
+
+def snapshot(model):
+    return {k: v.clone() for k, v in model.state_dict().items() if v.dtype.is_floating_point}
+
+
+def changed(model, snap):
+    return any(not torch.equal(v, snap[k]) for k, v in model.state_dict().items() if k in snap and "running" not in k)
+
+
+@pytest.mark.parametrize("method", sorted(common.BASE_METHODS))
+@pytest.mark.parametrize("train,lbgat", [(False, False), (True, False), (False, True), (True, True)])
+def test_one_step_every_method(method, train, lbgat):
+    torch.manual_seed(0)
+    cfg = cfg_for(method, train=train, lbgat=lbgat, lr=0.05, momentum=0.9, wd=2e-4)
+    cfg.std_arch = cfg.arch = "cnn_small"
+    models = common.build_models(cfg, 4, torch.device("cpu"))
+    assert ("std" in models) == (train or lbgat)
+    opts = {k: common.make_optimizer(m, cfg) for k, m in models.items()}
+    snaps = {k: snapshot(m) for k, m in models.items()}
+    x, y = torch.rand(8, 3, 16, 16), torch.randint(0, 4, (8,))
+    terms = common.train_step(models, opts, x, y, cfg, epoch=1)
+    assert ("tp" in terms) == train and ("lbgat_mse" in terms) == lbgat and ("ce_std" in terms) == ("std" in models)
+    assert all(torch.isfinite(v) for v in terms.values())
+    for k, m in models.items():
+        assert changed(m, snaps[k]), f"{k} model did not change"
+
+
+def grads_after(term_fn, models):
+    for m in models.values():
+        m.zero_grad(set_to_none=True)
+    term_fn().backward()
+    return {k: [p.grad for p in m.parameters()] for k, m in models.items()}
+
+
+def test_tp_updates_adversarial_model_only_and_lbgat_both():
+    torch.manual_seed(0)
+    cfg = cfg_for("at", train=True, lbgat=True)
+    models = {k: common.CNNSmall(4, width=8) for k in ("adv", "std")}
+    x, y = torch.rand(8, 3, 16, 16), torch.randint(0, 4, (8,))
+
+    def state():
+        s = common.StepState(models["adv"], models["std"], x, y)
+        s.x_adv = x + 0.01
+        return s
+    g = grads_after(lambda: common.plugin_train(state(), cfg, 1)["tp"], models)
+    assert all(gr is None for gr in g["std"]) and any(gr is not None and gr.abs().sum() > 0 for gr in g["adv"])
+    g = grads_after(lambda: common.plugin_lbgat(state(), cfg, 1)["lbgat_mse"], models)
+    assert any(gr is not None and gr.abs().sum() > 0 for gr in g["std"])
+
+
+def test_tp_input_nat_uses_natural_features():
+    torch.manual_seed(0)
+    models = {k: common.CNNSmall(4, width=8) for k in ("adv", "std")}
+    x, y = torch.rand(8, 3, 16, 16), torch.randint(0, 4, (8,))
+    s = common.StepState(models["adv"], models["std"], x, y)
+    s.x_adv = (x + 0.2).clamp(0, 1)
+    adv = common.plugin_train(s, cfg_for("at", tp_input="adv"), 1)["tp"]
+    nat = common.plugin_train(s, cfg_for("at", tp_input="nat"), 1)["tp"]
+    want = 5 * common.topology_loss(s.std_out()[0].detach(), s.nat_out()[0])
+    assert nat.item() == pytest.approx(want.item()) and adv.item() != pytest.approx(nat.item())

@@ -1,0 +1,156 @@
+"""Whole runs on a tiny generated data set: files, exact resume, NaN stop, bad input -> exit 2."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import common
+from conftest import ROOT
+
+DEFAULTS = dict(dataset="cifar10", method="trades", lam="5", arch="wrn34_10", std_arch="resnet18")
+
+
+def tiny_args(npz, out, *extra):
+    return ["--data-file", npz, "--out", str(out), "--arch", "cnn_small", "--std-arch", "cnn_small",
+            "--epochs", "2", "--batch-size", "16", "--steps", "2", "--eval-steps", "2", "--eval-n", "16",
+            "--device", "cpu", *extra]
+
+
+def run(argv):
+    return common.main(DEFAULTS, argv, prefix="test")
+
+
+def weights(run_dir):
+    ck = torch.load(os.path.join(run_dir, "last.pt"), weights_only=False)
+    return ck["models"], ck["optimizers"], ck["progress"]
+
+
+def test_run_writes_its_files(tiny_npz, tmp_path):
+    out = tmp_path / "r"
+    run(tiny_args(tiny_npz, out, "--method", "at", "--train", "--lam", "20a"))
+    assert {"config.json", "metrics.jsonl", "log.txt", "last.pt", "best.pt"} <= set(os.listdir(out))
+    cfg = json.load(open(out / "config.json"))
+    assert cfg["config"]["lam"] == "20a" and cfg["versions"]["torch"] == torch.__version__ and "git_commit" in cfg
+    rows = [json.loads(l) for l in open(out / "metrics.jsonl")]
+    assert [r["epoch"] for r in rows] == [1, 2]
+    for r in rows:
+        assert {"lr", "a", "lambda", "loss/ce_adv", "loss/tp", "loss/ce_std", "nat_acc", "pgd2_acc", "std_nat_acc",
+                "seconds"} <= set(r)
+        assert r["lambda"] == pytest.approx(20 * (2 / (1 + np.exp(-10 * r["epoch"] / 2)) - 1))
+    ck = torch.load(out / "last.pt", weights_only=False)
+    assert set(ck["models"]) == {"adv", "std"} and ck["progress"]["epoch"] == 2 and "torch" in ck["rng"]
+
+
+@pytest.mark.parametrize("stop_after", [3, 4])  # mid-epoch, and at the end of epoch 1 (4 steps per epoch)
+def test_resume_reproduces_uninterrupted_run(tiny_npz, tmp_path, monkeypatch, stop_after):
+    extra = ("--method", "trades", "--train", "--lbgat")
+    run(tiny_args(tiny_npz, tmp_path / "full", *extra))
+    calls = {"n": 0}
+    real_step = common.train_step
+
+    def interrupting_step(*a, **kw):  # what Ctrl-C does: ask the loop to stop after this step
+        calls["n"] += 1
+        if calls["n"] == stop_after:
+            common.StopFlag.requested = True
+        return real_step(*a, **kw)
+    monkeypatch.setattr(common, "train_step", interrupting_step)
+    run(tiny_args(tiny_npz, tmp_path / "cut", *extra))
+    progress = weights(tmp_path / "cut")[2]
+    assert (progress["epoch"], progress["step"]) == ((0, 3) if stop_after == 3 else (1, 0))
+    monkeypatch.setattr(common, "train_step", real_step)
+    run(tiny_args(tiny_npz, tmp_path / "cut", "--resume", *extra))
+    full, cut = weights(tmp_path / "full"), weights(tmp_path / "cut")
+    for k in full[0]:
+        for name, v in full[0][k].items():
+            assert torch.equal(v, cut[0][k][name]), f"{k}.{name} differs after resume"
+    m_full = [json.loads(l) for l in open(tmp_path / "full" / "metrics.jsonl")]
+    m_cut = [json.loads(l) for l in open(tmp_path / "cut" / "metrics.jsonl")]
+    drop = lambda r: {k: v for k, v in r.items() if k != "seconds"}
+    assert [drop(r) for r in m_full] == [drop(r) for r in m_cut]
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_npz, tmp_path, monkeypatch):
+    real = common.BASE_METHODS["at"]
+
+    def poisoned(s, cfg):
+        terms = real(s, cfg)
+        if getattr(poisoned, "epoch2", False):
+            terms["ce_adv"] = terms["ce_adv"] * float("nan")
+        return terms
+    monkeypatch.setitem(common.BASE_METHODS, "at", poisoned)
+    real_eval = common.epoch_eval
+
+    def eval_then_poison(*a, **kw):
+        poisoned.epoch2 = True
+        return real_eval(*a, **kw)
+    monkeypatch.setattr(common, "epoch_eval", eval_then_poison)
+    with pytest.raises(SystemExit) as e:
+        run(tiny_args(tiny_npz, tmp_path / "nan", "--method", "at"))
+    assert e.value.code == 1
+    assert weights(tmp_path / "nan")[2]["epoch"] == 1
+
+
+def cli(*args, cwd=ROOT):
+    return subprocess.run([sys.executable, "exp_cifar10.py", *args], cwd=cwd, capture_output=True, text=True)
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--method", "fgsm"], "invalid choice"),
+    (["--arch", "vgg"], "invalid choice"),
+    (["--lam", "abc"], "lambda must be"),
+    (["--eps", "8/0"], "expected a number"),
+    (["--data-file", "/nonexistent/x.npz", "--device", "cpu"], "not found"),
+])
+def test_bad_input_exits_2_with_one_line(args, needle, tmp_path):
+    r = cli(*args, "--out", str(tmp_path / "x"))
+    assert r.returncode == 2, r.stderr
+    assert needle in r.stderr and len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
+
+
+def test_existing_run_dir_is_not_overwritten(tiny_npz, tmp_path):
+    out = tmp_path / "exists"
+    out.mkdir()
+    (out / "config.json").write_text("precious")
+    r = cli("--data-file", tiny_npz, "--out", str(out), "--device", "cpu")
+    assert r.returncode == 2 and "--resume" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert (out / "config.json").read_text() == "precious"
+    r = cli("--data-file", tiny_npz, "--out", str(tmp_path / "none"), "--device", "cpu", "--resume")
+    assert r.returncode == 2 and "no checkpoint" in r.stderr
+
+
+def test_augment_matches_manual_crop_and_flip():
+    x = torch.randint(0, 256, (3, 3, 8, 8), dtype=torch.uint8)
+    offsets = torch.tensor([[0, 0], [4, 4], [8, 3]])
+    flips = torch.tensor([False, True, False])
+    out = common.augment(x, offsets, flips)
+    padded = torch.nn.functional.pad(x, (4, 4, 4, 4))
+    for i in range(3):
+        r, c = offsets[i].tolist()
+        want = padded[i, :, r:r + 8, c:c + 8]
+        if flips[i]:
+            want = want.flip(2)
+        assert torch.equal(out[i], want.float() / 255)
+    assert torch.equal(out[1], x[1].flip(2).float() / 255)  # centre crop + flip
+
+
+def test_epoch_plan_is_a_function_of_seed_and_epoch():
+    a, b = common.epoch_plan(50, 1, 3), common.epoch_plan(50, 1, 3)
+    assert all(torch.equal(u, v) for u, v in zip(a, b))
+    assert not torch.equal(a[0], common.epoch_plan(50, 1, 4)[0])
+    assert sorted(a[0].tolist()) == list(range(50)) and a[1].min() >= 0 and a[1].max() <= 8
+
+
+def test_npz_schema_errors(tmp_path):
+    bad = tmp_path / "bad.npz"
+    np.savez(bad, x_train=np.zeros((2, 4, 4, 3), np.uint8))
+    with pytest.raises(common.UserError, match="lacks the keys"):
+        common.load_npz(str(bad))
+    bad2 = tmp_path / "bad2.npz"
+    np.savez(bad2, x_train=np.zeros((2, 4, 4, 3), np.float32), y_train=np.zeros(2), x_test=np.zeros((2, 4, 4, 3), np.uint8),
+             y_test=np.zeros(2))
+    with pytest.raises(common.UserError, match="uint8 NHWC"):
+        common.load_npz(str(bad2))
