@@ -398,7 +398,7 @@ def attack_kl(model, x, y, cfg):
 
 # =====================================================================================
 # 4. losses and methods
-#    A base method crafts x' with its own attack and returns named loss terms of M'.
+#    A base method = its own training attack + named loss terms of M'.
 #    Plug-ins (train, lbgat) add terms on top of any base method. The step sums all terms.
 # =====================================================================================
 class StepState:
@@ -433,9 +433,8 @@ class StepState:
         return self._once("std", run)
 
 
-def method_at(s, cfg):
+def loss_at(s, cfg):
     """Vanilla AT (Madry et al.): CE on PGD examples."""
-    s.x_adv = attack_ce(s.model_adv, s.x, s.y, cfg)
     return {"ce_adv": F.cross_entropy(s.adv_out()[1], s.y)}
 
 
@@ -444,17 +443,15 @@ def trades_kl(z_adv, z_nat):
     return F.kl_div(F.log_softmax(z_adv, dim=1), F.softmax(z_nat, dim=1), reduction="batchmean")
 
 
-def method_trades(s, cfg):
+def loss_trades(s, cfg):
     """TRADES (Zhang et al.): CE(M'(x), y) + beta KL(M'(x) || M'(x'))."""
-    s.x_adv = attack_kl(s.model_adv, s.x, s.y, cfg)
     z_nat, z_adv = s.nat_out()[1], s.adv_out()[1]
     return {"ce_nat": F.cross_entropy(z_nat, s.y), "trades_kl": cfg.beta * trades_kl(z_adv, z_nat)}
 
 
-def method_alp(s, cfg):
+def loss_alp(s, cfg):
     """Adversarial logit pairing (Kannan et al.): 0.5 CE(x) + 0.5 CE(x') + w * MSE(logits), MSE
     averaged over all logit entries as in the reference implementation's mean_squared_error."""
-    s.x_adv = attack_ce(s.model_adv, s.x, s.y, cfg)
     z_nat, z_adv = s.nat_out()[1], s.adv_out()[1]
     return {"ce_nat": 0.5 * F.cross_entropy(z_nat, s.y), "ce_adv": 0.5 * F.cross_entropy(z_adv, s.y),
             "alp_pair": cfg.alp_weight * F.mse_loss(z_adv, z_nat)}
@@ -472,12 +469,23 @@ def mart_terms(z_adv, z_nat, y, beta):
     return {"mart_bce": bce, "mart_kl": beta * (kl * (1.0000001 - p_true)).mean()}
 
 
-def method_mart(s, cfg):
-    s.x_adv = attack_ce(s.model_adv, s.x, s.y, cfg)
+def loss_mart(s, cfg):
     return mart_terms(s.adv_out()[1], s.nat_out()[1], s.y, cfg.beta)
 
 
-BASE_METHODS = {"at": method_at, "trades": method_trades, "alp": method_alp, "mart": method_mart}
+@dataclass
+class Method:
+    """A base method: its training attack (model, x, y, cfg) -> x' and its loss (StepState, cfg) -> terms."""
+    attack: object
+    loss: object
+
+
+BASE_METHODS = {
+    "at": Method(attack_ce, loss_at),
+    "trades": Method(attack_kl, loss_trades),
+    "alp": Method(attack_ce, loss_alp),
+    "mart": Method(attack_ce, loss_mart),
+}
 
 
 def ramp_a(t, total):
@@ -556,7 +564,9 @@ def train_step(models, opts, x, y, cfg, epoch):
     """
     std = models.get("std")
     s = StepState(models["adv"], std, x, y, std_trainable=std is not None and "std" in opts)
-    terms = BASE_METHODS[cfg.method](s, cfg)
+    method = BASE_METHODS[cfg.method]
+    s.x_adv = method.attack(s.model_adv, x, y, cfg)
+    terms = method.loss(s, cfg)
     for name in active_plugins(cfg):
         terms.update(PLUGINS[name](s, cfg, epoch))
     if "std" in opts:
@@ -748,9 +758,332 @@ def train(cfg, run_dir, resume=False, log=print):
 
 
 # =====================================================================================
-# 6. evaluation
+# 6. evaluation   (M' in eval mode, fp32, inputs in [0,1]; per-example results so attacks can be combined)
 # =====================================================================================
-# (filled by the evaluation suite; training monitors with epoch_eval above)
+class SanityError(Exception):
+    """An evaluation invariant broke (adversarial example outside the eps-ball, eps=0 changes accuracy):
+    the numbers cannot be trusted, so the evaluation stops."""
+
+
+EVAL_METRICS = ("nat", "pgd", "cw", "aa", "knn", "tp")
+
+
+@torch.no_grad()
+def predict(model, x, batch_size=500):
+    """Predictions of a model on float images (already in [0,1])."""
+    return torch.cat([model(x[i:i + batch_size]).argmax(1) for i in range(0, len(x), batch_size)])
+
+
+@torch.no_grad()
+def features_of(model, x, batch_size=500):
+    return torch.cat([model(x[i:i + batch_size], return_features=True)[0].float() for i in range(0, len(x), batch_size)])
+
+
+def attack_all(model, x, y, attack, batch_size=500, desc="attack"):
+    """attack(model, xb, yb) -> xb' over the whole set, in batches, with a progress bar."""
+    out = torch.empty_like(x)
+    for i in tqdm(range(0, len(x), batch_size), desc=desc, leave=False, disable=None):
+        out[i:i + batch_size] = attack(model, x[i:i + batch_size], y[i:i + batch_size])
+    return out
+
+
+def check_adversarial(x_adv, x, eps, name):
+    """Every adversarial example lies within eps (L-inf) of its input and inside [0,1]."""
+    dist = (x_adv - x).abs().flatten(1).amax(1)
+    if dist.max() > eps + 1e-6:
+        raise SanityError(f"{name}: {int((dist > eps + 1e-6).sum())} examples lie outside the eps-ball "
+                          f"(max L-inf {dist.max():.6f} > eps {eps:.6f})")
+    if x_adv.min() < 0 or x_adv.max() > 1:
+        raise SanityError(f"{name}: adversarial examples leave [0,1] (range {x_adv.min():.4f}..{x_adv.max():.4f})")
+
+
+def pgd_attack(eps, step_size, steps, loss="ce", kappa=50.0):
+    """The evaluation's PGD-k: CE or CW margin loss, uniform random start (TRADES / CAT protocol)."""
+    def attack(model, x, y):
+        fn = ce_sum(y) if loss == "ce" else cw_margin(y, kappa)
+        return pgd(model, x, fn, eps, step_size, steps, "uniform")
+    return attack
+
+
+class _ListHandler:
+    """Collects pyautoattack's log lines (it reports per-attack robust accuracy only through logging)."""
+
+    def __init__(self):
+        import logging
+        self.lines = []
+        self.handler = logging.Handler(logging.DEBUG)
+        self.handler.emit = lambda record: self.lines.append(record.getMessage())
+
+
+def run_autoattack(model, x, y, eps, seed, log_path=None, attacks=None, batch_size=500, device="cpu", fast=False):
+    """AutoAttack through pyautoattack: version "standard" (APGD-CE, APGD-T, FAB-T, Square), or a
+    custom attack list. Returns (per-example robust flags, robust accuracy after each attack, log lines).
+    fast=True shrinks iterations and queries (tests only)."""
+    import logging
+    from pyautoattack import AutoAttack
+    aa = AutoAttack(model, norm="Linf", eps=eps, version="custom" if attacks else "standard",
+                    attacks=attacks, device=device, seed=seed)
+    with torch.no_grad():
+        n_classes = model(x[:1]).shape[1]
+    if n_classes <= aa.apgd_targeted.n_target_classes:  # targeted attacks need n_target_classes < classes
+        aa.apgd_targeted.n_target_classes = aa.fab.n_target_classes = n_classes - 1
+    if fast:
+        aa.apgd.n_iter = aa.apgd_targeted.n_iter = aa.fab.n_iter = 10
+        aa.square.n_queries = 100
+    logger = logging.getLogger("auto-attack")
+    collector = _ListHandler()
+    handlers = [collector.handler]
+    if log_path:
+        fh = logging.FileHandler(log_path)
+        fh.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        handlers.append(fh)
+    old_level = logger.level
+    logger.setLevel(logging.DEBUG)
+    for h in handlers:
+        logger.addHandler(h)
+    try:
+        x_adv, _ = aa.run_standard_evaluation(x, y, batch_size=batch_size)
+    finally:
+        for h in handlers:
+            logger.removeHandler(h)
+            h.close()
+        logger.setLevel(old_level)
+    check_adversarial(x_adv, x, eps, "AutoAttack")
+    robust = predict(model, x_adv) == y
+    after = {}
+    for line in collector.lines:
+        if line.startswith("robust accuracy after "):
+            name, rest = line[len("robust accuracy after "):].split(":", 1)
+            after[name.strip().lower()] = float(rest.split("%")[0]) / 100
+    return robust, after, collector.lines
+
+
+def knn_predict(support_f, support_y, query_f, ks, num_classes, chunk_q=1024, chunk_s=16384):
+    """Cosine-similarity kNN: majority vote of the k nearest support samples, ties broken by summed
+    similarity. Chunked over queries and support, so Q x S similarities are never held at once.
+    Returns {k: predictions}."""
+    kmax = max(ks)
+    if kmax > len(support_f):
+        raise UserError(f"--knn-k {kmax} is larger than the support set ({len(support_f)} samples)")
+    sf, qf = F.normalize(support_f.float(), dim=1), F.normalize(query_f.float(), dim=1)
+    preds = {k: [] for k in ks}
+    for q0 in range(0, len(qf), chunk_q):
+        q = qf[q0:q0 + chunk_q]
+        best_v = q.new_empty(len(q), 0)
+        best_i = torch.empty(len(q), 0, dtype=torch.long, device=q.device)
+        for s0 in range(0, len(sf), chunk_s):
+            v, i = (q @ sf[s0:s0 + chunk_s].t()).topk(min(kmax, len(sf) - s0), dim=1)
+            best_v, pos = torch.cat([best_v, v], 1).topk(min(kmax, best_v.shape[1] + v.shape[1]), dim=1)
+            best_i = torch.cat([best_i, i + s0], 1).gather(1, pos)
+        for k in ks:
+            labels = support_y[best_i[:, :k]]
+            votes = torch.zeros(len(q), num_classes, device=q.device).scatter_add_(1, labels, torch.ones_like(best_v[:, :k]))
+            sims = torch.zeros(len(q), num_classes, device=q.device).scatter_add_(1, labels, best_v[:, :k])
+            # |summed similarity| <= k, so dividing by 2k+1 breaks ties without overturning a vote
+            preds[k].append((votes + sims / (2 * k + 1)).argmax(1))
+    return {k: torch.cat(v) for k, v in preds.items()}
+
+
+def topology_scores(model, data, x_test_nat, x_test_adv, attack, ks, support_n=0, batch_size=500):
+    """The paper's kNN topology score (Sec. III-B): support = training images, natural + PGD-20
+    (labels kept); queries = test natural ("natural") and test PGD-20 ("robust") images."""
+    n = support_n or len(data.x_train)
+    x_tr, y_tr = to_float(data.x_train[:n]), data.y_train[:n]
+    x_tr_adv = attack_all(model, x_tr, y_tr, attack, batch_size, desc="kNN support PGD")
+    support = torch.cat([features_of(model, x_tr, batch_size), features_of(model, x_tr_adv, batch_size)])
+    support_y = torch.cat([y_tr, y_tr])
+    y = data.y_test[:len(x_test_nat)]
+    out = {}
+    for name, xq in (("natural", x_test_nat), ("robust", x_test_adv)):
+        preds = knn_predict(support, support_y, features_of(model, xq, batch_size), ks, data.num_classes)
+        out[name] = {str(k): (p == y).float().mean().item() for k, p in preds.items()}
+    return out
+
+
+@torch.no_grad()
+def test_topology_loss(models, x_nat, x_adv, cfg, batch_size=128):
+    """Mean over test batches of 128 of L_TP between M (natural) and M' features (x' or x, as trained)."""
+    values = []
+    for i in range(0, len(x_nat) - 1, batch_size):
+        xs = x_nat[i:i + batch_size]
+        if len(xs) < 2:
+            break
+        xa = (x_adv if cfg.tp_input == "adv" else x_nat)[i:i + batch_size]
+        f_std = models["std"](xs, return_features=True)[0]
+        f_adv = models["adv"](xa, return_features=True)[0]
+        values.append(topology_loss(f_std, f_adv, reduction=cfg.tp_reduction, impl=cfg.tp_impl).item())
+    return float(np.mean(values))
+
+
+def tsne_plot(model, data, x_adv, path, title, seed=1, n=512, max_classes=10, adv_label="PGD-20"):
+    """t-SNE of penultimate features (paper's Figs. 2, 5): natural circles, PGD-20 crosses, colour = class."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from sklearn.manifold import TSNE
+    g = torch.Generator().manual_seed(seed)
+    y_all = data.y_test[:len(x_adv)].cpu()
+    classes = torch.arange(data.num_classes)
+    if data.num_classes > max_classes:  # CIFAR-100: 10 random classes
+        classes = classes[torch.randperm(data.num_classes, generator=g)[:max_classes]]
+    idx = torch.nonzero(torch.isin(y_all, classes)).squeeze(1)
+    idx = idx[torch.randperm(len(idx), generator=g)[:n]]
+    dev_idx = idx.to(x_adv.device)
+    f_nat = features_of(model, to_float(data.x_test[dev_idx])).cpu()
+    f_adv = features_of(model, x_adv[dev_idx]).cpu()
+    emb = TSNE(n_components=2, init="pca", random_state=seed, perplexity=min(30, len(idx) - 1)).fit_transform(
+        torch.cat([f_nat, f_adv]).numpy())
+    y = y_all[idx].numpy()
+    colours = {int(c): plt.cm.tab10(i % 10) for i, c in enumerate(classes)}
+    fig, ax = plt.subplots(figsize=(7, 7))
+    m = len(idx)
+    ax.scatter(emb[:m, 0], emb[:m, 1], c=[colours[int(c)] for c in y], marker="o", s=12)
+    ax.scatter(emb[m:, 0], emb[m:, 1], c=[colours[int(c)] for c in y], marker="x", s=12)
+    ax.scatter([], [], c="grey", marker="o", label="natural")
+    ax.scatter([], [], c="grey", marker="x", label=adv_label)
+    ax.legend(loc="best")
+    ax.set_title(title)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def evaluate(ckpt_path, opts, log=print):
+    """Every metric of the paper's tables for one checkpoint; writes eval.json and results.md next to it.
+
+    opts: the parsed CLI (eps, eval_steps, eval_step_size, cw_kappa, aa_n, knn_k, knn_train_n,
+    metrics, eval_model, tsne, device, seed)."""
+    device = torch.device(opts.device)
+    ck = load_checkpoint(ckpt_path, device)
+    run_cfg = argparse.Namespace(**ck["config"])
+    for k in ("data_file", "data_dir"):  # data may have moved since training
+        if getattr(opts, f"_{k}_given", False):
+            setattr(run_cfg, k, getattr(opts, k))
+    data = load_data(run_cfg, device)
+    models = build_models(run_cfg, data.num_classes, device)
+    for k, m in models.items():
+        load_model_state(m, ck["models"][k])
+        m.eval()
+    if opts.eval_model not in models:
+        raise UserError(f"--eval-model {opts.eval_model}: this checkpoint holds no such model ({', '.join(models)})")
+    model = models[opts.eval_model]
+    metrics = set(opts.metrics)
+    run_dir = os.path.dirname(os.path.abspath(ckpt_path))
+    seed_everything(opts.seed)
+    eps = opts.eps
+    x, y = to_float(data.x_test), data.y_test
+    bs = opts.eval_batch_size
+    res = {"checkpoint": os.path.abspath(ckpt_path), "run": os.path.basename(run_dir), "model": opts.eval_model,
+           "arch": run_cfg.arch if opts.eval_model == "adv" else run_cfg.std_arch, "epoch": ck["progress"]["epoch"],
+           "eps": eps, "eps_255": eps * 255, "n_test": len(x), "pgd_steps": opts.eval_steps,
+           "pgd_step_size": opts.eval_step_size, "cw_kappa": opts.cw_kappa, "warnings": [], "sanity": {}}
+    log(f"evaluating {ckpt_path} ({res['arch']}, epoch {res['epoch']}) on {len(x)} test images, "
+        f"eps {eps:.4f} ({eps * 255:.2f}/255)")
+
+    def warn(msg):
+        res["warnings"].append(msg)
+        log(f"WARNING: {msg}")
+
+    correct = {"natural": predict(model, x, bs) == y}
+    res["natural"] = correct["natural"].float().mean().item()
+    pgd20 = pgd_attack(eps, opts.eval_step_size, opts.eval_steps)
+    x_pgd = None
+    if metrics & {"pgd", "knn", "tp"} or opts.tsne:
+        x_pgd = attack_all(model, x, y, pgd20, bs, desc=f"PGD-{opts.eval_steps}")
+        check_adversarial(x_pgd, x, eps, f"PGD-{opts.eval_steps}")
+        correct["pgd"] = predict(model, x_pgd, bs) == y
+        res["pgd"] = correct["pgd"].float().mean().item()
+    if "cw" in metrics:
+        x_cw = attack_all(model, x, y, pgd_attack(eps, opts.eval_step_size, opts.eval_steps, "cw", opts.cw_kappa),
+                          bs, desc=f"CW-{opts.eval_steps}")
+        check_adversarial(x_cw, x, eps, f"CW-{opts.eval_steps}")
+        correct["cw"] = predict(model, x_cw, bs) == y
+        res["cw"] = correct["cw"].float().mean().item()
+        del x_cw
+    if "aa" in metrics:
+        n = opts.aa_n or len(x)
+        robust, after, _ = run_autoattack(model, x[:n], y[:n], eps, opts.seed, os.path.join(run_dir, "autoattack.log"),
+                                          opts.aa_attacks or None, bs, str(device))
+        correct["aa"] = torch.cat([robust, torch.zeros(len(x) - n, dtype=torch.bool, device=robust.device)])
+        res.update(aa=robust.float().mean().item(), aa_n=n, aa_after=after)
+        names = list(after)
+        if "square" in after and len(names) > 1 and after["square"] < after[names[names.index("square") - 1]]:
+            warn(f"Square (black-box) found errors the white-box attacks missed "
+                 f"({after[names[names.index('square') - 1]]:.2%} -> {after['square']:.2%}): possible gradient masking")
+    # worst case per example across every attack that ran, on the images all of them saw
+    n_all = res.get("aa_n", len(x))
+    worst = torch.stack([c[:n_all] for c in correct.values()]).all(0)
+    res["worst_case"] = worst.float().mean().item()
+    res["worst_case_n"] = n_all
+    for name, c in correct.items():
+        if name != "natural" and (c[:n_all] & ~worst).any():
+            res["sanity"][f"{name}_robust_but_broken_elsewhere"] = int((c[:n_all] & ~worst).sum())
+    sanity_checks(model, x, y, eps, opts, res, warn)
+    if "knn" in metrics:
+        res["knn"] = topology_scores(model, data, x, x_pgd, pgd20, opts.knn_k, opts.knn_train_n, bs)
+    if "tp" in metrics and "std" in models:
+        res["test_ltp"] = test_topology_loss(models, x, x_pgd, run_cfg)
+    if opts.tsne:
+        title = (f"{res['arch']} ({opts.eval_model}) natural {res['natural']:.2%}, "
+                 f"PGD-{opts.eval_steps} {res['pgd']:.2%}")
+        res["tsne"] = tsne_plot(model, data, x_pgd, os.path.join(run_dir, f"tsne_{opts.eval_model}.png"), title, opts.seed,
+                                adv_label=f"PGD-{opts.eval_steps}")
+    with open(os.path.join(run_dir, "eval.json"), "w") as fh:
+        json.dump(res, fh, indent=2)
+    row = results_row(res)
+    with open(os.path.join(run_dir, "results.md"), "a") as fh:
+        fh.write(row + "\n")
+    log(TABLE_HEADER + "\n" + row)
+    return res
+
+
+def sanity_checks(model, x, y, eps, opts, res, warn, n=500):
+    """eps = 0 must leave accuracy at natural (else: randomness or a bug); a large eps must drive
+    PGD accuracy near 0 (else: gradient masking)."""
+    x, y = x[:n], y[:n]
+    nat = predict(model, x) == y
+    zero = predict(model, attack_all(model, x, y, pgd_attack(0.0, opts.eval_step_size, opts.eval_steps))) == y
+    if not torch.equal(zero, nat):
+        raise SanityError(f"PGD with eps=0 changed {int((zero != nat).sum())} predictions: the model is not deterministic "
+                          "in eval mode, or the attack is broken")
+    big = attack_all(model, x, y, pgd_attack(0.5, 0.05, opts.eval_steps))
+    res["sanity"]["pgd_eps0.5_acc"] = acc = (predict(model, big) == y).float().mean().item()
+    res["sanity"]["eps0_equals_natural"] = True
+    if acc > 0.1:
+        warn(f"PGD at eps 0.5 still leaves {acc:.1%} accuracy (expected near 0): possible gradient masking")
+
+
+TABLE_HEADER = ("| run | eps | Natural | PGD-20 | CW-20 | AA | kNN natural | kNN robust |\n"
+                "| --- | --- | --- | --- | --- | --- | --- | --- |")
+
+
+def results_row(res, k="30"):
+    """One markdown row in the paper's column order; kNN at k=30 (or the first k evaluated)."""
+    def pct(v):
+        return "-" if v is None else f"{100 * v:.2f}"
+    knn = res.get("knn") or {}
+    kk = k if k in knn.get("natural", {}) else next(iter(knn.get("natural", {})), None)
+    steps_note = "" if res.get("pgd_steps", 20) == 20 else f" ({res['pgd_steps']} steps)"
+    aa = pct(res.get("aa")) + (f" (n={res['aa_n']})" if res.get("aa") is not None and res["aa_n"] != res["n_test"] else "")
+    cells = [res["run"] + ("" if res.get("model", "adv") == "adv" else " (M)"), f"{res['eps'] * 255:.2f}/255",
+             pct(res.get("natural")), pct(res.get("pgd")) + steps_note, pct(res.get("cw")) + steps_note, aa,
+             pct(knn["natural"][kk]) if kk else "-", pct(knn["robust"][kk]) if kk else "-"]
+    return "| " + " | ".join(cells) + " |"
+
+
+def results_table(paths):
+    """One markdown table of many runs: each path a run folder or an eval.json."""
+    rows = []
+    for p in paths:
+        f = os.path.join(p, "eval.json") if os.path.isdir(p) else p
+        if not os.path.isfile(f):
+            raise UserError(f"--table: {p} has no eval.json (evaluate it first with --eval {p}/best.pt)")
+        with open(f) as fh:
+            rows.append(results_row(json.load(fh)))
+    return TABLE_HEADER + "\n" + "\n".join(rows)
 
 
 # =====================================================================================
@@ -782,6 +1115,16 @@ def int_list(text):
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}")
 
 
+def name_list(allowed):
+    def parse(text):
+        names = [v.strip() for v in str(text).split(",") if v.strip()]
+        bad = [v for v in names if v not in allowed]
+        if bad:
+            raise argparse.ArgumentTypeError(f"unknown {', '.join(bad)}; choose from {', '.join(allowed)}")
+        return names
+    return parse
+
+
 class Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, exit 2
         sys.stderr.write(f"{self.prog}: error: {message}\n")
@@ -794,7 +1137,9 @@ QUICK = {"arch": "cnn_small", "std_arch": "cnn_small", "epochs": 5, "milestones"
 SCHEDULES = {"paper": {"epochs": 100, "milestones": [75, 90], "wd": 2e-4},
              "las": {"epochs": 110, "milestones": [100, 105], "wd": 5e-4}}
 # Flags that do not change what is trained: left out of the run name.
-NOT_IN_NAME = {"out", "runs_dir", "resume", "overwrite", "device", "data_dir", "data_file", "dataset", "quick", "method"}
+NOT_IN_NAME = {"out", "runs_dir", "resume", "overwrite", "device", "data_dir", "data_file", "dataset", "quick", "method",
+               "_data_file_given", "_data_dir_given", "eval", "table", "eval_model", "metrics", "cw_kappa", "aa_n",
+               "aa_attacks", "knn_k", "knn_train_n", "tsne", "eval_batch_size"}
 
 
 def build_parser(defaults):
@@ -834,6 +1179,19 @@ def build_parser(defaults):
     a("--seed", type=int, default=1)
     a("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     a("--quick", action="store_true", help="minutes-long CPU smoke run: cnn_small, subsets, few epochs and steps")
+    e = p.add_argument_group("evaluation (--eval CKPT) and tables (--table RUN ...)").add_argument
+    e("--eval", default="", metavar="CKPT", help="evaluate a checkpoint: natural, PGD-20, CW-20, AutoAttack, kNN, test L_TP")
+    e("--table", nargs="+", default=None, metavar="RUN", help="print one markdown table of evaluated runs")
+    e("--eval-model", choices=["adv", "std"], default="adv", help="evaluate M' (adv) or the standard model M (std)")
+    e("--metrics", type=name_list(EVAL_METRICS), default=list(EVAL_METRICS), help="subset of " + ",".join(EVAL_METRICS))
+    e("--cw-kappa", type=float, default=50.0, help="CW margin kappa")
+    e("--aa-n", type=int, default=0, help="AutoAttack on the first n test images (0 = all)")
+    e("--aa-attacks", type=name_list(("apgd-ce", "apgd-t", "fab-t", "square", "apgd-dlr", "fab")), default=[],
+      help="custom AutoAttack list instead of the standard version")
+    e("--knn-k", type=int_list, default=[30], help="k of the kNN topology score, e.g. 5,10,20,30,40,50")
+    e("--knn-train-n", type=int, default=0, help="support set: the first n training images (0 = all), natural + PGD-20")
+    e("--tsne", action="store_true", help="also save a t-SNE picture of natural and PGD-20 features")
+    e("--eval-batch-size", type=int, default=500)
     a("--out", default="", help="run folder (default runs/<name from the non-default flags>)")
     a("--runs-dir", default="runs")
     a("--resume", action="store_true", help="continue the run in its folder from last.pt")
@@ -852,6 +1210,8 @@ def parse_args(defaults, argv=None):
     for k, v in SCHEDULES[cfg.schedule].items():
         if getattr(cfg, k) is None:
             setattr(cfg, k, v)
+    for k in ("data_file", "data_dir"):
+        setattr(cfg, f"_{k}_given", getattr(cfg, k) != parser.get_default(k))
     validate(cfg, parser)
     return cfg, parser
 
@@ -958,6 +1318,12 @@ def main(defaults, argv=None, prefix=None):
     prefix = prefix or script_prefix()
     try:
         cfg, _ = parse_args(defaults, argv)
+        if cfg.table:
+            print(results_table(cfg.table))
+            return None
+        if cfg.eval:
+            evaluate(cfg.eval, cfg)
+            return os.path.dirname(cfg.eval)
         run_dir = prepare_run_dir(cfg, defaults, prefix)
         if cfg.resume:
             cfg = resume_config(cfg, run_dir)
@@ -973,6 +1339,6 @@ def main(defaults, argv=None, prefix=None):
     except UserError as e:
         sys.stderr.write(f"error: {e}\n")
         sys.exit(2)
-    except Diverged as e:
+    except (Diverged, SanityError) as e:
         sys.stderr.write(f"error: {e}\n")
         sys.exit(1)

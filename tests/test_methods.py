@@ -62,7 +62,9 @@ def test_alp_terms_hand_case():
     for k, v in s_terms.items():
         assert got[k].item() == pytest.approx(v, rel=1e-6)
     # and the method itself produces exactly these three names
-    terms = common.method_alp(common.StepState(Fixed(), None, x, y), cfg_for("alp"))
+    s2 = common.StepState(Fixed(), None, x, y)
+    s2.x_adv = s.x_adv
+    terms = common.BASE_METHODS["alp"].loss(s2, cfg_for("alp"))
     assert set(terms) == set(s_terms)
 
 

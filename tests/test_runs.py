@@ -75,17 +75,18 @@ def test_resume_reproduces_uninterrupted_run(tiny_npz, tmp_path, monkeypatch, st
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_npz, tmp_path, monkeypatch):
     real = common.BASE_METHODS["at"]
+    state = {"poison": False}
 
     def poisoned(s, cfg):
-        terms = real(s, cfg)
-        if getattr(poisoned, "epoch2", False):
+        terms = real.loss(s, cfg)
+        if state["poison"]:
             terms["ce_adv"] = terms["ce_adv"] * float("nan")
         return terms
-    monkeypatch.setitem(common.BASE_METHODS, "at", poisoned)
+    monkeypatch.setitem(common.BASE_METHODS, "at", common.Method(real.attack, poisoned))
     real_eval = common.epoch_eval
 
-    def eval_then_poison(*a, **kw):
-        poisoned.epoch2 = True
+    def eval_then_poison(*a, **kw):  # epoch 1 trains normally, epoch 2 diverges
+        state["poison"] = True
         return real_eval(*a, **kw)
     monkeypatch.setattr(common, "epoch_eval", eval_then_poison)
     with pytest.raises(SystemExit) as e:

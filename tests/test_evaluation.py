@@ -1,0 +1,161 @@
+"""Evaluation: attacks on an undefended model, kNN score, AutoAttack, sanity checks, eval.json, --table."""
+import argparse
+import json
+import os
+
+import pytest
+import torch
+import torch.nn as nn
+
+import common
+from test_runs import DEFAULTS, tiny_args
+
+
+class ChannelMeans(nn.Module):
+    """An undefended 3-class model: logits = scaled channel means (class = brightest channel).
+    With round_input=True its forward quantises the input: zero gradients, a gradient-masked model."""
+
+    def __init__(self, round_input=False):
+        super().__init__()
+        self.round_input = round_input
+
+    def forward(self, x, return_features=False):
+        if self.round_input:
+            x = torch.round(x * 4) / 4
+        f = x.mean(dim=(2, 3))
+        z = 20 * f
+        return (f, z) if return_features else z
+
+
+def channel_data(n=60, seed=0, margin=0.3):
+    g = torch.Generator().manual_seed(seed)
+    y = torch.arange(n) % 3
+    x = 0.3 + 0.05 * torch.rand(n, 3, 8, 8, generator=g)
+    x[torch.arange(n), y] += margin  # the true channel is brighter by `margin`
+    return x, y
+
+
+def test_undefended_model_loses_most_accuracy_under_pgd():
+    model = ChannelMeans().eval()
+    x, y = channel_data(margin=0.05)
+    assert (common.predict(model, x) == y).float().mean() == 1.0
+    x_adv = common.attack_all(model, x, y, common.pgd_attack(0.031, 0.003, 20))
+    common.check_adversarial(x_adv, x, 0.031, "pgd")
+    assert (common.predict(model, x_adv) == y).float().mean() < 0.1
+
+
+def test_cw_attack_breaks_undefended_model_too():
+    model = ChannelMeans().eval()
+    x, y = channel_data(margin=0.05)
+    x_adv = common.attack_all(model, x, y, common.pgd_attack(0.031, 0.003, 20, "cw", 50.0))
+    assert (common.predict(model, x_adv) == y).float().mean() < 0.1
+
+
+def test_check_adversarial_fires():
+    x = torch.rand(4, 3, 4, 4) * 0.5 + 0.25
+    with pytest.raises(common.SanityError, match="eps-ball"):
+        common.check_adversarial(x + 0.05, x, 0.031, "bad")
+    with pytest.raises(common.SanityError, match=r"\[0,1\]"):
+        common.check_adversarial(torch.full_like(x, 1.01), torch.ones_like(x), 0.031, "bad")
+
+
+def clusters(n_per, num_classes, dim, seed, spread=0.05):
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.randn(num_classes, dim, generator=g)
+    y = torch.arange(num_classes).repeat_interleave(n_per)
+    return centres[y] + spread * torch.randn(len(y), dim, generator=g), y
+
+
+def test_knn_separable_clusters_score_one():
+    sf, sy = clusters(40, 5, 16, 0)
+    qf, qy = clusters(10, 5, 16, 0)
+    qf = qf + 0.01 * torch.randn_like(qf)
+    preds = common.knn_predict(sf, sy, qf, [1, 5, 30], 5)
+    assert all((p == qy).all() for p in preds.values())
+
+
+def test_knn_random_labels_near_chance():
+    g = torch.Generator().manual_seed(1)
+    sf, qf = torch.randn(2000, 16, generator=g), torch.randn(1000, 16, generator=g)
+    sy, qy = torch.randint(0, 10, (2000,), generator=g), torch.randint(0, 10, (1000,), generator=g)
+    acc = (common.knn_predict(sf, sy, qf, [30], 10)[30] == qy).float().mean().item()
+    assert 0.05 < acc < 0.16
+
+
+def test_knn_chunked_equals_unchunked():
+    g = torch.Generator().manual_seed(2)
+    sf, sy = torch.randn(700, 8, generator=g), torch.randint(0, 7, (700,), generator=g)
+    qf = torch.randn(300, 8, generator=g)
+    full = common.knn_predict(sf, sy, qf, [5, 20], 7, chunk_q=10_000, chunk_s=10_000)
+    chunked = common.knn_predict(sf, sy, qf, [5, 20], 7, chunk_q=64, chunk_s=50)
+    assert all(torch.equal(full[k], chunked[k]) for k in (5, 20))
+
+
+def test_knn_tie_broken_by_summed_similarity():
+    # query along e0; class 0 neighbours at similarity 0.9 and 0.1, class 1 at 0.8 and 0.7: 2-2 vote, class 1 wins
+    def unit(c):
+        return torch.tensor([c, (1 - c * c) ** 0.5])
+    sf = torch.stack([unit(0.9), unit(0.1), unit(0.8), unit(0.7), unit(-1.0)])
+    sy = torch.tensor([0, 0, 1, 1, 0])
+    pred = common.knn_predict(sf, sy, torch.tensor([[1.0, 0.0]]), [4], 2)[4]
+    assert pred.item() == 1
+
+
+def test_autoattack_runs_on_tiny_model(tmp_path):
+    model = ChannelMeans().eval()
+    x, y = channel_data(n=9, margin=0.2)
+    log = tmp_path / "aa.log"
+    robust, after, lines = common.run_autoattack(model, x, y, 0.031, 0, str(log), ["apgd-ce", "square"], fast=True)
+    assert robust.shape == (9,) and robust.all()  # margin 0.2 >> eps: nothing to find
+    assert set(after) == {"apgd-ce", "square"} and log.read_text()
+
+
+def test_sanity_checks_fire_on_gradient_masked_model():
+    x, y = channel_data(n=60, margin=0.3)
+    res, warnings = {"sanity": {}}, []
+    opts = argparse.Namespace(eval_step_size=0.003, eval_steps=5)
+    common.sanity_checks(ChannelMeans(round_input=True).eval(), x, y, 0.031, opts, res, warnings.append)
+    assert any("gradient masking" in w for w in warnings)
+    res, warnings = {"sanity": {}}, []
+    common.sanity_checks(ChannelMeans().eval(), x, y, 0.031, opts, res, warnings.append)
+    assert warnings == [] and res["sanity"]["pgd_eps0.5_acc"] < 0.1
+
+
+def test_square_finds_what_white_box_missed_on_masked_model():
+    # near the decision boundary (margin 0.01 < eps), rounding hides the gradient from APGD, Square still wins
+    model = ChannelMeans(round_input=True).eval()
+    x, y = channel_data(n=12, margin=0.13)
+    robust, after, _ = common.run_autoattack(model, x, y, 0.1, 0, None, ["apgd-ce", "square"], fast=True)
+    assert after["square"] < after["apgd-ce"]
+
+
+def test_sanity_eps0_detects_a_random_model():
+    class Noisy(ChannelMeans):
+        def forward(self, x, return_features=False):
+            return super().forward(x + 0.5 * torch.randn_like(x), return_features)
+    x, y = channel_data(n=60, margin=0.02)
+    with pytest.raises(common.SanityError, match="eps=0"):
+        common.sanity_checks(Noisy().eval(), x, y, 0.031, argparse.Namespace(eval_step_size=0.003, eval_steps=2),
+                             {"sanity": {}}, print)
+
+
+def test_eval_json_schema_and_table(tiny_npz, tmp_path, capsys):
+    out = tmp_path / "run"
+    common.main(DEFAULTS, tiny_args(tiny_npz, out, "--method", "trades", "--train"), prefix="test")
+    common.main(DEFAULTS, ["--eval", str(out / "best.pt"), "--device", "cpu", "--eval-steps", "3", "--aa-n", "8",
+                           "--aa-attacks", "apgd-ce", "--knn-k", "1,5", "--tsne"], prefix="test")
+    res = json.load(open(out / "eval.json"))
+    for key in ("natural", "pgd", "cw", "aa", "aa_n", "worst_case", "knn", "test_ltp", "eps", "warnings", "sanity"):
+        assert key in res, key
+    assert res["aa_n"] == 8 and set(res["knn"]) == {"natural", "robust"} and set(res["knn"]["natural"]) == {"1", "5"}
+    assert res["worst_case"] <= min(res["natural"], res["pgd"], res["cw"])
+    assert os.path.isfile(out / "tsne_adv.png") and os.path.isfile(out / "autoattack.log")
+    assert (out / "results.md").read_text().count("\n") == 1
+    capsys.readouterr()
+    common.main(DEFAULTS, ["--table", str(out), str(out / "eval.json")], prefix="test")
+    table = capsys.readouterr().out.strip().splitlines()
+    assert table[0].startswith("| run | eps | Natural | PGD-20 | CW-20 | AA | kNN natural | kNN robust |")
+    assert len(table) == 4 and table[2].split("|")[3].strip() == f"{100 * res['natural']:.2f}"
+    with pytest.raises(SystemExit) as e:
+        common.main(DEFAULTS, ["--table", str(tmp_path / "nothing")], prefix="test")
+    assert e.value.code == 2
