@@ -96,12 +96,22 @@ def load_data(cfg, device):
     """Load the configured data set; subset it with --train-n / --test-n (0 = all)."""
     if cfg.data_file:
         arrays, names = load_npz(cfg.data_file)
+    elif cfg.dataset == "tinyimagenet":
+        root = os.path.join(cfg.data_dir, "tiny-imagenet-200")
+        try:
+            arrays, names = load_tinyimagenet_folder(root)
+        except ValueError as e:
+            raise UserError(f"{e} (get tiny-imagenet-200.zip from the Tiny ImageNet site and unzip it into "
+                            f"{cfg.data_dir}, or pass --data-file X.npz)")
     else:
         arrays, names = load_torchvision(cfg.dataset, cfg.data_dir)
     if cfg.train_n:
         arrays["x_train"], arrays["y_train"] = arrays["x_train"][:cfg.train_n], arrays["y_train"][:cfg.train_n]
     if cfg.test_n:
         arrays["x_test"], arrays["y_test"] = arrays["x_test"][:cfg.test_n], arrays["y_test"][:cfg.test_n]
+    if cfg.image_size and arrays["x_train"].shape[1] != cfg.image_size:  # Tiny ImageNet: 64 -> 32 as in the paper
+        for k in ("x_train", "x_test"):
+            arrays[k] = resize_images(arrays[k], cfg.image_size)
     y_all = np.concatenate([arrays["y_train"], arrays["y_test"]])
     num_classes = max(len(names), int(y_all.max()) + 1)
     return Data(to_device_uint8(arrays["x_train"], device), torch.as_tensor(arrays["y_train"], dtype=torch.long, device=device),
@@ -404,9 +414,10 @@ def attack_kl(model, x, y, cfg):
 class StepState:
     """What one training step knows; forward passes are computed once and shared by all terms."""
 
-    def __init__(self, model_adv, model_std, x, y, std_trainable=True):
+    def __init__(self, model_adv, model_std, x, y, std_trainable=True, heads=None):
         self.model_adv, self.model_std, self.x, self.y = model_adv, model_std, x, y
         self.std_trainable = std_trainable
+        self.heads = heads  # trainable heads of a relation loss (e.g. CRD's projections), else None
         self.x_adv = None
         self._cache = {}
 
@@ -473,6 +484,16 @@ def loss_mart(s, cfg):
     return mart_terms(s.adv_out()[1], s.nat_out()[1], s.y, cfg.beta)
 
 
+def attack_none(model, x, y, cfg):
+    """Standard training sees natural images only."""
+    return x
+
+
+def loss_standard(s, cfg):
+    """Standard training (no adversary): CE on natural images; trains the M of Tables VII / X."""
+    return {"ce_nat": F.cross_entropy(s.nat_out()[1], s.y)}
+
+
 @dataclass
 class Method:
     """A base method: its training attack (model, x, y, cfg) -> x' and its loss (StepState, cfg) -> terms."""
@@ -485,6 +506,7 @@ BASE_METHODS = {
     "trades": Method(attack_kl, loss_trades),
     "alp": Method(attack_ce, loss_alp),
     "mart": Method(attack_ce, loss_mart),
+    "standard": Method(attack_none, loss_standard),
 }
 
 
@@ -519,6 +541,8 @@ def relation_tp(f_std, f_adv, cfg):
 
 
 RELATION_LOSSES = {"tp": relation_tp}
+RELATION_WITHOUT_STD = set()  # relation losses that look at M' alone
+RELATION_HEADS = {}  # relation losses with trainable heads: name -> nn.Module(dim_std, dim_adv)
 
 
 def plugin_train(s, cfg, epoch):
@@ -526,6 +550,13 @@ def plugin_train(s, cfg, epoch):
     f_std = s.std_out()[0].detach()  # M influences M' one way: no gradient to M
     f_adv = (s.adv_out() if cfg.tp_input == "adv" else s.nat_out())[0]
     return {"tp": lam_at(cfg, epoch)[1] * RELATION_LOSSES[cfg.relation](f_std, f_adv, cfg)}
+
+
+def awp_gamma(cfg):
+    """AWP's perturbation size: the AWP paper's 0.005 for TRADES, 0.01 for AT-style methods."""
+    if cfg.awp_gamma is not None:
+        return cfg.awp_gamma
+    return 0.005 if cfg.method == "trades" else 0.01
 
 
 def plugin_lbgat(s, cfg, epoch):
@@ -541,8 +572,8 @@ def active_plugins(cfg):
 
 
 def needs_std_model(cfg):
-    """The standard model M exists only when a plug-in uses it (plain AT/TRADES train M' alone)."""
-    return bool(active_plugins(cfg))
+    """The standard model M exists only when a term uses it (plain AT/TRADES train M' alone)."""
+    return cfg.lbgat or (cfg.train and cfg.relation not in RELATION_WITHOUT_STD)
 
 
 # =====================================================================================
@@ -562,10 +593,19 @@ def train_step(models, opts, x, y, cfg, epoch):
 
     models/opts: dicts with "adv" and (when a plug-in uses it) "std". Returns detached terms.
     """
-    std = models.get("std")
-    s = StepState(models["adv"], std, x, y, std_trainable=std is not None and "std" in opts)
+    std, heads = models.get("std"), models.get("heads")
     method = BASE_METHODS[cfg.method]
-    s.x_adv = method.attack(s.model_adv, x, y, cfg)
+    x_adv = method.attack(models["adv"], x, y, cfg)
+    awp = None
+    if cfg.awp and epoch > cfg.awp_warmup:  # AWP: ascend the base loss in weight space first
+        def base_loss(model):
+            s_proxy = StepState(model, None, x, y)
+            s_proxy.x_adv = x_adv
+            return sum(method.loss(s_proxy, cfg).values())
+        awp = awp_diff(models["adv"], models["_awp_proxy"], opts["_awp_proxy"], base_loss)
+        add_into_weights(models["adv"], awp, awp_gamma(cfg))
+    s = StepState(models["adv"], std, x, y, std_trainable=std is not None and "std" in opts, heads=heads)
+    s.x_adv = x_adv
     terms = method.loss(s, cfg)
     for name in active_plugins(cfg):
         terms.update(PLUGINS[name](s, cfg, epoch))
@@ -575,11 +615,15 @@ def train_step(models, opts, x, y, cfg, epoch):
     if not torch.isfinite(total):
         bad = [k for k, v in terms.items() if not torch.isfinite(v)]
         raise Diverged(f"non-finite loss in epoch {epoch} (terms {bad}); lower --lr or --lam")
-    for o in opts.values():
-        o.zero_grad(set_to_none=True)
+    for k, o in opts.items():
+        if not k.startswith("_"):
+            o.zero_grad(set_to_none=True)
     total.backward()
-    for o in opts.values():
-        o.step()
+    for k, o in opts.items():
+        if not k.startswith("_"):
+            o.step()
+    if awp is not None:  # as in AWP's code: the step is taken at the perturbed point, then undone
+        add_into_weights(models["adv"], awp, -awp_gamma(cfg))
     return {k: v.detach() for k, v in terms.items()}
 
 
@@ -636,8 +680,8 @@ def seed_everything(seed):
 
 def save_checkpoint(path, models, opts, progress, cfg):
     """Atomic: write a temp file next to the target, then os.replace."""
-    state = {"models": {k: m.state_dict() for k, m in models.items()},
-             "optimizers": {k: o.state_dict() for k, o in opts.items()},
+    state = {"models": {k: m.state_dict() for k, m in models.items() if not k.startswith("_")},
+             "optimizers": {k: o.state_dict() for k, o in opts.items() if not k.startswith("_")},
              "progress": progress, "rng": rng_states(), "config": vars(cfg)}
     tmp = f"{path}.tmp{os.getpid()}"
     torch.save(state, tmp)
@@ -654,10 +698,40 @@ def load_checkpoint(path, device):
 
 
 def build_models(cfg, num_classes, device):
+    """adv = M'; std = M (when used); heads = a relation loss's trainable heads; _awp_proxy = AWP's
+    scratch copy of M' (names starting with "_" are not checkpointed)."""
     models = {"adv": build_model(cfg.arch, num_classes).to(device)}
     if needs_std_model(cfg):
         models["std"] = build_model(cfg.std_arch, num_classes).to(device)
+    if cfg.train and cfg.relation in RELATION_HEADS:
+        dim_std = models["std"].feature_dim if "std" in models else models["adv"].feature_dim
+        models["heads"] = RELATION_HEADS[cfg.relation](dim_std, models["adv"].feature_dim).to(device)
+    if cfg.awp:
+        models["_awp_proxy"] = build_model(cfg.arch, num_classes).to(device)
     return models
+
+
+def build_optimizers(models, cfg):
+    """One SGD per trained model; a frozen M gets none. AWP's proxy: plain SGD lr 0.01 (AWP's code)."""
+    opts = {k: make_optimizer(m, cfg) for k, m in models.items()
+            if not k.startswith("_") and not (k == "std" and cfg.freeze_std)}
+    if "_awp_proxy" in models:
+        opts["_awp_proxy"] = torch.optim.SGD(models["_awp_proxy"].parameters(), lr=0.01)
+    return opts
+
+
+def load_std_checkpoint(models, cfg, device):
+    """--std-ckpt: M from a finished run; a `--method standard` run's trained model is its "adv" slot."""
+    if "std" not in models:
+        raise UserError("--std-ckpt needs a standard model: add --train or --lbgat")
+    ck = load_checkpoint(cfg.std_ckpt, device)
+    key = "adv" if ck["config"].get("method") == "standard" else "std"
+    if key not in ck["models"]:
+        raise UserError(f"--std-ckpt {cfg.std_ckpt} holds no standard model")
+    try:
+        load_model_state(models["std"], ck["models"][key])
+    except RuntimeError as e:
+        raise UserError(f"--std-ckpt {cfg.std_ckpt} does not fit --std-arch {cfg.std_arch}: {str(e).splitlines()[0]}")
 
 
 class StopFlag:
@@ -689,17 +763,19 @@ def train(cfg, run_dir, resume=False, log=print):
     seed_everything(cfg.seed)
     data = load_data(cfg, device)
     models = build_models(cfg, data.num_classes, device)
-    opts = {"adv": make_optimizer(models["adv"], cfg)}
-    if "std" in models:
-        opts["std"] = make_optimizer(models["std"], cfg)
+    if cfg.std_ckpt:
+        load_std_checkpoint(models, cfg, device)
+    opts = build_optimizers(models, cfg)
     progress = {"epoch": 0, "step": 0, "sums": {}, "best": -1.0}
     last, best = os.path.join(run_dir, "last.pt"), os.path.join(run_dir, "best.pt")
     if resume:
         ck = load_checkpoint(last, device)
         for k, m in models.items():
-            load_model_state(m, ck["models"][k])
+            if not k.startswith("_"):
+                load_model_state(m, ck["models"][k])
         for k, o in opts.items():
-            o.load_state_dict(ck["optimizers"][k])
+            if not k.startswith("_"):
+                o.load_state_dict(ck["optimizers"][k])
         progress = ck["progress"]
         set_rng_states(ck["rng"])
         log(f"resumed from {last}: epoch {progress['epoch']} done, {progress['step']} steps into the next")
@@ -717,8 +793,8 @@ def train(cfg, run_dir, resume=False, log=print):
             for o in opts.values():
                 for g in o.param_groups:
                     g["lr"] = lr
-            for m in models.values():
-                m.train()
+            for k, m in models.items():
+                m.train(not (k == "std" and cfg.freeze_std))  # a frozen M stays in eval mode
             perm, offsets, flips = epoch_plan(len(data.x_train), cfg.seed, epoch)
             sums = {k: v for k, v in progress["sums"].items() if k != "_seconds"}
             bar = tqdm(range(progress["step"], n_batches), desc=f"epoch {epoch}", leave=False, disable=None)
@@ -965,7 +1041,8 @@ def evaluate(ckpt_path, opts, log=print):
     data = load_data(run_cfg, device)
     models = build_models(run_cfg, data.num_classes, device)
     for k, m in models.items():
-        load_model_state(m, ck["models"][k])
+        if not k.startswith("_"):
+            load_model_state(m, ck["models"][k])
         m.eval()
     if opts.eval_model not in models:
         raise UserError(f"--eval-model {opts.eval_model}: this checkpoint holds no such model ({', '.join(models)})")
@@ -1145,12 +1222,14 @@ NOT_IN_NAME = {"out", "runs_dir", "resume", "overwrite", "device", "data_dir", "
 def build_parser(defaults):
     p = Parser(description="TRAIN: topology-preserving adversarial training (see README.md)")
     a = p.add_argument
-    a("--dataset", choices=sorted(TORCHVISION_SETS), help="torchvision data set (downloaded to --data-dir)")
+    a("--dataset", choices=sorted(TORCHVISION_SETS) + ["tinyimagenet"],
+      help="cifar10/cifar100 (torchvision, downloaded to --data-dir) or tinyimagenet (--data-dir/tiny-imagenet-200)")
+    a("--image-size", type=int, default=0, help="resize images to this size first (0 = keep; Tiny ImageNet: 32)")
     a("--data-dir", default="./data")
     a("--data-file", default="", help="an .npz with x_train, y_train, x_test, y_test (uint8 NHWC) instead of torchvision")
     a("--train-n", type=int, default=0, help="use the first N training images (0 = all)")
     a("--test-n", type=int, default=0, help="use the first N test images (0 = all)")
-    a("--method", choices=sorted(BASE_METHODS), default="trades", help="base adversarial training method")
+    a("--method", choices=sorted(BASE_METHODS), default="trades", help="base method (standard = natural training)")
     a("--train", action="store_true", help="add TRAIN's topology-preserving loss lambda * L_TP")
     a("--lbgat", action="store_true", help="add LBGAT's logit guidance gamma * MSE(M'(x'), M(x))")
     a("--lam", type=lam_arg, default="5", help="lambda: a number (5) or <c>a (20a) = c * a(t)")
@@ -1158,6 +1237,13 @@ def build_parser(defaults):
     a("--tp-input", choices=["adv", "nat"], default="adv", help="features of M' in L_TP: M'(x') or M'(x)")
     a("--tp-reduction", choices=["sum", "mean"], default="sum", help="L_TP reduction (sum = Eq. 14)")
     a("--tp-impl", choices=["auto", "torch", "triton"], default="auto", help="L_TP implementation")
+    a("--crd-temp", type=float, default=0.1, help="temperature of --relation crd")
+    a("--mca-temp", type=float, default=0.1, help="temperature of --relation mca")
+    a("--std-ckpt", default="", help="load M from a finished run's checkpoint (e.g. a --method standard run)")
+    a("--freeze-std", action="store_true", help="keep M fixed (TRAIN* of Table X): no optimiser, eval mode")
+    a("--awp", action="store_true", help="add adversarial weight perturbation (Wu et al. 2020) to M'")
+    a("--awp-gamma", type=float, default=None, help="AWP size (default 0.005 for trades, 0.01 otherwise)")
+    a("--awp-warmup", type=int, default=0, help="AWP starts after this many epochs")
     a("--beta", type=float, default=6.0, help="TRADES / MART beta")
     a("--gamma", type=float, default=1.0, help="LBGAT guidance weight")
     a("--alp-weight", type=float, default=0.5, help="ALP logit-pairing weight")
@@ -1229,6 +1315,8 @@ def validate(cfg, parser):
             parser.error(f"--{k.replace('_', '-')} must lie in [0, 1] (inputs are in [0, 1])")
     if not cfg.data_file and not cfg.dataset:
         parser.error("give --dataset or --data-file")
+    if cfg.freeze_std and not cfg.std_ckpt:
+        parser.error("--freeze-std needs --std-ckpt (a frozen random M would teach nothing)")
 
 
 def run_name(cfg, defaults, prefix):
@@ -1288,6 +1376,26 @@ def prepare_run_dir(cfg, defaults, prefix):
     for f in existing:
         os.remove(os.path.join(run_dir, f))
     return run_dir
+
+
+def run_dir_for(defaults, argv, prefix):
+    """The folder a run with these flags writes to (what main() would pick)."""
+    cfg, _ = parse_args(defaults, argv)
+    return cfg.out or os.path.join(cfg.runs_dir, run_name(cfg, defaults, prefix))
+
+
+def run_status(run_dir):
+    """'missing', 'partial' (resume it) or 'done' (all epochs in metrics.jsonl)."""
+    cfg_path, metrics = os.path.join(run_dir, "config.json"), os.path.join(run_dir, "metrics.jsonl")
+    if not os.path.isfile(os.path.join(run_dir, "last.pt")) or not os.path.isfile(cfg_path):
+        return "missing"
+    with open(cfg_path) as fh:
+        epochs = json.load(fh)["config"]["epochs"]
+    done = 0
+    if os.path.isfile(metrics):
+        with open(metrics) as fh:
+            done = max((json.loads(line)["epoch"] for line in fh if line.strip()), default=0)
+    return "done" if done >= epochs else "partial"
 
 
 def resume_config(cfg, run_dir):

@@ -38,11 +38,12 @@ def test_mart_matches_formula():
 
 
 def cfg_for(method, **kw):
-    base = dict(method=method, eps=0.031, step_size=0.007, steps=2, beta=6.0, gamma=1.0, alp_weight=0.5,
-                train=False, lbgat=False, lam="5", epochs=10, relation="tp", tp_input="adv",
-                tp_reduction="sum", tp_impl="torch")
-    base.update(kw)
-    return argparse.Namespace(**base)
+    """The CLI's defaults (every field the code reads), with small attacks and the given overrides."""
+    cfg, _ = common.parse_args(dict(dataset="cifar10"), ["--device", "cpu"])
+    cfg.method, cfg.steps, cfg.tp_impl = method, 2, "torch"
+    for k, v in kw.items():
+        setattr(cfg, k, v)
+    return cfg
 
 
 def test_alp_terms_hand_case():

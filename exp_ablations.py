@@ -1,0 +1,290 @@
+"""Ablation studies of the paper (CIFAR-100, TRADES / vanilla AT, settings of Tables I-II).
+
+    python exp_ablations.py --study NAME [--quick] [--dry-run] [run flags ...]
+
+Studies (each = a list of runs + a table or figure; finished runs are reused, unfinished ones resumed):
+    relation        Table VI   vanilla AT + each relation loss in place of L_TP (rkd, crd, mca, tp)
+    batch-size      Table VIII TRADES + TRAIN at batch 128, 256, 384
+    lambda          Table IX   TRADES + TRAIN with lambda 0, 5a, 10a, 20a, 50a (+ test L_TP)
+    std-backbone    Table VII  M = ResNet-18 vs WRN-34-10, and the standard models themselves
+    pretrained-std  Table X    TRAIN* (M pre-trained and frozen) vs TRAIN (joint)
+    mobilenet       Table XII  M' = MobileNetV3 with AT / TRADES +- TRAIN
+    beta-sweep      Fig. 3     TRADES beta 1..6, kNN topology score vs k
+    time            Table XI   seconds per step / epoch of AT, TRADES +- LBGAT / TRAIN on this device
+Flags it does not know (e.g. --data-file, --device, --runs-dir) are passed to every run.
+"""
+import argparse
+import json
+import math
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+import common
+
+DEFAULTS = dict(dataset="cifar100", method="trades", lam="20a", arch="wrn34_10", std_arch="resnet18")
+# --quick: smoke scale, minutes on a CPU
+QUICK_ARGS = ["--quick", "--epochs", "2", "--milestones", "2", "--train-n", "1024", "--test-n", "500", "--eval-n", "500"]
+FULL_METRICS = "nat,pgd,cw,aa"
+
+
+def backbones(quick):
+    """(small, large) backbones: the paper's ResNet-18 / WRN-34-10, or CPU-sized stand-ins."""
+    return ("cnn_small", "resnet18") if quick else ("resnet18", "wrn34_10")
+
+
+def study_relation(quick, dir_of):
+    at = ["--method", "at"]
+    return [("Vanilla AT", at, FULL_METRICS),
+            ("MCA", at + ["--train", "--relation", "mca"], FULL_METRICS),
+            ("Vanilla AT + RKD", at + ["--train", "--relation", "rkd"], FULL_METRICS),
+            ("Vanilla AT + CRD", at + ["--train", "--relation", "crd"], FULL_METRICS),
+            ("Vanilla AT + TRAIN", at + ["--train"], FULL_METRICS)]
+
+
+def study_batch_size(quick, dir_of):
+    return [(f"batch {b}", ["--train", "--batch-size", str(b)], FULL_METRICS) for b in (128, 256, 384)]
+
+
+def study_lambda(quick, dir_of):
+    return [(f"lambda {lam}", ["--train", "--lam", lam], "nat,pgd,tp") for lam in ("0", "5a", "10a", "20a", "50a")]
+
+
+def study_std_backbone(quick, dir_of):
+    small, large = backbones(quick)
+    runs = []
+    for std in (small, large):
+        runs.append((f"standard training, {std}", ["--method", "standard", "--arch", std], FULL_METRICS))
+        runs.append((f"TRADES + TRAIN, M = {std}", ["--train", "--std-arch", std], FULL_METRICS))
+    return runs
+
+
+def study_pretrained_std(quick, dir_of):
+    small, _ = backbones(quick)
+    standard = ["--method", "standard", "--arch", small]
+    ckpt = os.path.join(dir_of(standard), "last.pt")
+    return [("standard model", standard, FULL_METRICS),
+            ("Vanilla AT", ["--method", "at"], FULL_METRICS),
+            ("Vanilla AT + TRAIN*", ["--method", "at", "--train", "--std-arch", small, "--std-ckpt", ckpt, "--freeze-std"],
+             FULL_METRICS),
+            ("Vanilla AT + TRAIN", ["--method", "at", "--train", "--std-arch", small], FULL_METRICS)]
+
+
+def study_mobilenet(quick, dir_of):
+    mb = ["--arch", "mobilenet_v3"]
+    return [("Vanilla AT", mb + ["--method", "at"], FULL_METRICS),
+            ("Vanilla AT + TRAIN", mb + ["--method", "at", "--train"], FULL_METRICS),
+            ("TRADES", mb + ["--method", "trades"], FULL_METRICS),
+            ("TRADES + TRAIN", mb + ["--method", "trades", "--train"], FULL_METRICS)]
+
+
+BETA_KS = "5,10,20,30,40,50"
+
+
+def study_beta_sweep(quick, dir_of):
+    return [(f"beta {b}", ["--method", "trades", "--beta", str(b)], "nat,pgd,knn") for b in range(1, 7)]
+
+
+STUDIES = {"relation": study_relation, "batch-size": study_batch_size, "lambda": study_lambda,
+           "std-backbone": study_std_backbone, "pretrained-std": study_pretrained_std, "mobilenet": study_mobilenet,
+           "beta-sweep": study_beta_sweep}
+TIME_CONFIGS = [("AT", "at", ()), ("AT + LBGAT", "at", ("lbgat",)), ("AT + TRAIN", "at", ("train",)),
+                ("TRADES", "trades", ()), ("TRADES + LBGAT", "trades", ("lbgat",)), ("TRADES + TRAIN", "trades", ("train",))]
+
+
+# ------------------------------------------------------------------------------------- running a study
+NOT_IN_FOLDER = {"--device", "--runs-dir", "--data-dir"}  # flags that do not change what a run trains
+
+
+def slug(args):
+    """method-at_train_relation-mca: a folder name from flags (paths shortened to their last part)."""
+    parts, i = [], 0
+    while i < len(args):
+        flag = args[i].lstrip("-")
+        if i + 1 < len(args) and not args[i + 1].startswith("--"):
+            value = os.path.splitext(os.path.basename(os.path.dirname(args[i + 1]) if args[i + 1].endswith(".pt")
+                                                      else args[i + 1]))[0]
+            parts.append(f"{flag}-{value}")
+            i += 2
+        else:
+            parts.append(flag)
+            i += 1
+    return "_".join(parts) or "default"
+
+
+def study_root(passthrough, quick):
+    """runs/ablations[_quick][_<data and other shared flags>]: one folder of runs per setting."""
+    cfg, _ = common.parse_args(DEFAULTS, passthrough)
+    shared, skip = [], False
+    for i, a in enumerate(passthrough):
+        if skip:
+            skip = False
+            continue
+        if a in NOT_IN_FOLDER:
+            skip = i + 1 < len(passthrough) and not passthrough[i + 1].startswith("--")
+            continue
+        shared.append(a)
+    name = "ablations" + ("_quick" if quick else "") + (f"_{slug(shared)}" if shared else "")
+    return os.path.join(cfg.runs_dir, name)
+
+
+def run_dir_of(args, passthrough, quick):
+    return os.path.join(study_root(passthrough, quick), slug(args))
+
+
+def run_and_evaluate(label, args, metrics, passthrough, quick, dry_run, log):
+    run_dir = run_dir_of(args, passthrough, quick)
+    argv = args + passthrough + (QUICK_ARGS if quick else []) + ["--out", run_dir]
+    status = common.run_status(run_dir)
+    if dry_run:
+        log(f"[{status}] {label}: {' '.join(argv)} -> {run_dir}")
+        return None
+    if status != "done":
+        common.main(DEFAULTS, argv + (["--resume"] if status == "partial" else []))
+        if common.run_status(run_dir) != "done":
+            raise SystemExit(f"{label}: the run stopped before its last epoch; rerun the study to resume it")
+    eval_json = os.path.join(run_dir, "eval.json")
+    if not os.path.isfile(eval_json):
+        ckpt = os.path.join(run_dir, "last.pt" if "--method standard" in " ".join(args) else "best.pt")
+        eval_argv = [a for a in passthrough] + ["--eval", ckpt, "--metrics", metrics, "--knn-k", BETA_KS]
+        if quick:
+            eval_argv += ["--knn-train-n", "1024"]
+        common.main(DEFAULTS, eval_argv)
+    with open(eval_json) as fh:
+        return json.load(fh)
+
+
+def pct(v):
+    return "-" if v is None else f"{100 * v:.2f}"
+
+
+def render_table(study, rows):
+    if study == "lambda":
+        head = "| lambda | Natural | PGD-20 | test L_TP |\n| --- | --- | --- | --- |"
+        body = [f"| {label.split()[-1]} | {pct(r.get('natural'))} | {pct(r.get('pgd'))} | "
+                f"{r['test_ltp']:.4f} |" if r.get("test_ltp") is not None else f"| {label} | - | - | - |"
+                for label, r in rows]
+        return head + "\n" + "\n".join(body)
+    if study == "beta-sweep":
+        ks = BETA_KS.split(",")
+        head = ("| beta | Natural | PGD-20 | " + " | ".join(f"kNN k={k}" for k in ks) + " |\n"
+                + "| --- " * (3 + len(ks)) + "|")
+        body = [f"| {label.split()[-1]} | {pct(r['natural'])} | {pct(r['pgd'])} | "
+                + " | ".join(pct(r["knn"]["natural"][k]) for k in ks) + " |" for label, r in rows]
+        return head + "\n" + "\n".join(body)
+    head = "| method | Natural | PGD-20 | CW-20 | AA |\n| --- | --- | --- | --- | --- |"
+    body = []
+    for label, r in rows:
+        aa = pct(r.get("aa"))
+        if r.get("aa") is not None and r["aa_n"] != r["n_test"]:
+            aa += f" (n={r['aa_n']})"
+        body.append(f"| {label} | {pct(r.get('natural'))} | {pct(r.get('pgd'))} | {pct(r.get('cw'))} | {aa} |")
+    return head + "\n" + "\n".join(body)
+
+
+def plot_beta_sweep(rows, path):
+    """Fig. 3: kNN topology score (natural queries) vs k, one line per beta."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    ks = [int(k) for k in BETA_KS.split(",")]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for label, r in rows:
+        ax.plot(ks, [100 * r["knn"]["natural"][str(k)] for k in ks], marker="o", label=label)
+    ax.set_xlabel("k")
+    ax.set_ylabel("topology score (kNN accuracy, %)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+# ------------------------------------------------------------------------------------- the time study
+def time_study(quick, passthrough, steps, warmup, log):
+    """Median seconds per training step (after warm-up) of each configuration, extrapolated to an epoch
+    of 50,000 images; TRAIN's overhead relative to its base method."""
+    cfg, _ = common.parse_args(DEFAULTS, passthrough + (["--quick"] if quick else []) + ["--dataset", "cifar100"])
+    device = torch.device(cfg.device)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
+    torch.manual_seed(0)
+    x = torch.rand(cfg.batch_size, 3, 32, 32, device=device)
+    y = torch.randint(0, 100, (cfg.batch_size,), device=device)
+    per_epoch = math.ceil(50_000 / cfg.batch_size)
+    results = {}
+    for label, method, plugins in TIME_CONFIGS:
+        c = argparse.Namespace(**vars(cfg))
+        c.method, c.train, c.lbgat = method, "train" in plugins, "lbgat" in plugins
+        models = common.build_models(c, 100, device)
+        opts = common.build_optimizers(models, c)
+        times = []
+        for i in range(warmup + steps):
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            common.train_step(models, opts, x, y, c, epoch=1)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            if i >= warmup:
+                times.append(time.perf_counter() - t0)
+        results[label] = statistics.median(times)
+        log(f"{label}: {results[label]:.3f} s/step")
+        del models, opts
+    lines = [f"Training time on {name}: M' = {cfg.arch}, M = {cfg.std_arch}, batch {cfg.batch_size}, "
+             f"PGD-{cfg.steps}; median of {steps} steps after {warmup} warm-up; epoch = {per_epoch} steps",
+             "", "| method | s / step | s / epoch (extrapolated) | overhead vs base |", "| --- | --- | --- | --- |"]
+    for label, method, plugins in TIME_CONFIGS:
+        base = results["AT" if method == "at" else "TRADES"]
+        over = "" if not plugins else f"{100 * (results[label] / base - 1):+.1f}%"
+        lines.append(f"| {label} | {results[label]:.3f} | {results[label] * per_epoch:.0f} | {over} |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    p = common.Parser(description=__doc__.splitlines()[0], add_help=True)
+    p.add_argument("--study", required=True, choices=sorted(list(STUDIES) + ["time"]))
+    p.add_argument("--quick", action="store_true", help="smoke scale: cnn_small, data subset, 2 epochs")
+    p.add_argument("--dry-run", action="store_true", help="print the runs the study would make, run nothing")
+    p.add_argument("--steps-only", type=int, default=None, help="time study: timed steps (default 10, quick 3)")
+    p.add_argument("--warmup", type=int, default=None, help="time study: warm-up steps (default 3, quick 1)")
+    args, passthrough = p.parse_known_args(argv)
+    log = print
+    if args.study == "time":
+        steps = args.steps_only or (3 if args.quick else 10)
+        warmup = args.warmup if args.warmup is not None else (1 if args.quick else 3)
+        if args.dry_run:
+            log(f"time study: {len(TIME_CONFIGS)} configurations x ({warmup} warm-up + {steps} timed) steps")
+            return None
+        table = time_study(args.quick, passthrough, steps, warmup, log)
+        log(table)
+        return table
+    root = study_root(passthrough, args.quick)
+    dir_of = lambda run_args: run_dir_of(run_args, passthrough, args.quick)
+    runs = STUDIES[args.study](args.quick, dir_of)
+    log(f"study {args.study}: {len(runs)} runs" + (" (quick)" if args.quick else ""))
+    rows = []
+    for label, run_args, metrics in runs:
+        r = run_and_evaluate(label, run_args, metrics, passthrough, args.quick, args.dry_run, log)
+        if r is not None:
+            rows.append((label, r))
+    if args.dry_run:
+        return None
+    table = render_table(args.study, rows)
+    with open(os.path.join(root, f"{args.study}.md"), "w") as fh:
+        fh.write(table + "\n")
+    log(f"table: {os.path.join(root, args.study + '.md')}")
+    if args.study == "beta-sweep":
+        log(f"figure: {plot_beta_sweep(rows, os.path.join(root, 'beta-sweep.png'))}")
+    log(table)
+    return table
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except common.UserError as e:
+        sys.stderr.write(f"error: {e}\n")
+        sys.exit(2)
