@@ -88,6 +88,132 @@ def load_torchvision(name, root):
     return arrays, list(sets[0].classes)
 
 
+TINYIMAGENET_CACHE = "tinyimagenet_cache.npz"
+IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png")
+
+
+def _tin_wnids(root):
+    """Sorted class ids: from wnids.txt when present, else the train/ subfolders."""
+    path = os.path.join(root, "wnids.txt")
+    if os.path.isfile(path):
+        with open(path) as f:
+            wnids = sorted({line.strip() for line in f if line.strip()})
+    else:
+        wnids = sorted(d for d in os.listdir(os.path.join(root, "train"))
+                       if os.path.isdir(os.path.join(root, "train", d)))
+    if not wnids:
+        raise ValueError(f"no classes in {root}: wnids.txt is empty or {os.path.join(root, 'train')} has no class folders")
+    return wnids
+
+
+def _tin_files(root, wnids):
+    """[(path, label)] of the train split and of the val split (= the test split)."""
+    index = {w: i for i, w in enumerate(wnids)}
+    train = []
+    for w in wnids:
+        d = os.path.join(root, "train", w, "images")
+        if not os.path.isdir(d):
+            raise ValueError(f"class folder {d} is missing")
+        train += [(os.path.join(d, n), index[w]) for n in sorted(os.listdir(d)) if n.lower().endswith(IMAGE_SUFFIXES)]
+    ann = os.path.join(root, "val", "val_annotations.txt")
+    if not os.path.isfile(ann):
+        raise ValueError(f"{ann} is missing (it maps the val images to their classes)")
+    test = []
+    with open(ann) as f:
+        for n_line, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            parts = line.rstrip("\n").split("\t")
+            if len(parts) < 2 or parts[1] not in index:
+                raise ValueError(f"{ann} line {n_line}: expected 'file<TAB>wnid...' with a known wnid, got {line.strip()[:80]!r}")
+            test.append((os.path.join(root, "val", "images", parts[0]), index[parts[1]]))
+    if not train:
+        raise ValueError(f"no images in {os.path.join(root, 'train', '*', 'images')}")
+    if not test:
+        raise ValueError(f"{ann} lists no images")
+    return train, test
+
+
+def _decode(items, size=64):
+    """PIL decode to uint8 RGB NHWC; grayscale/CMYK images are converted, odd sizes resized."""
+    from PIL import Image
+    x = np.empty((len(items), size, size, 3), np.uint8)
+    for i, (path, _) in enumerate(items):
+        try:
+            with Image.open(path) as im:
+                im = im.convert("RGB")  # a few Tiny ImageNet JPEGs are grayscale
+                if im.size != (size, size):
+                    im = im.resize((size, size), Image.BILINEAR)
+                x[i] = np.asarray(im)
+        except (OSError, SyntaxError) as e:  # missing / truncated / not an image
+            raise ValueError(f"could not read image {path} ({type(e).__name__}: {e})")
+    return x, np.array([label for _, label in items], np.int64)
+
+
+def _tin_source_mtime(root, wnids):
+    """Newest mtime of the folders and lists that define the data set. Not root's own mtime:
+    writing the cache into root bumps it, which would make every cache look stale."""
+    paths = [os.path.join(root, "wnids.txt"), os.path.join(root, "train"), os.path.join(root, "val"),
+             os.path.join(root, "val", "images"), os.path.join(root, "val", "val_annotations.txt")]
+    for w in wnids:
+        paths += [os.path.join(root, "train", w), os.path.join(root, "train", w, "images")]
+    return max(os.path.getmtime(p) for p in paths if os.path.exists(p))
+
+
+def _tin_read_cache(path):
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            arrays = {k: z[k] for k in ("x_train", "y_train", "x_test", "y_test")}
+            names = [str(c) for c in z["class_names"]]
+    except (OSError, ValueError, KeyError, EOFError):  # unreadable / partial cache: decode again
+        return None
+    return arrays, names
+
+
+def load_tinyimagenet_folder(root, cache=True):
+    """Tiny ImageNet from its unzipped layout (tiny-imagenet-200/): train/<wnid>/images/*.JPEG,
+    val/images/*.JPEG + val/val_annotations.txt, wnids.txt (optional). The val split is the test
+    split; labels index the sorted wnids. -> ({x_train, y_train, x_test, y_test}, wnids), x uint8
+    NHWC 64x64. The decoded arrays are cached in <root>/tinyimagenet_cache.npz and reused while no
+    class folder / list is newer. Problems raise ValueError with a one-line message."""
+    if not os.path.isdir(root):
+        raise ValueError(f"Tiny ImageNet folder {root} not found")
+    if not os.path.isdir(os.path.join(root, "train")):
+        raise ValueError(f"{os.path.join(root, 'train')} is missing")
+    wnids = _tin_wnids(root)
+    cache_path = os.path.join(root, TINYIMAGENET_CACHE)
+    if cache and os.path.isfile(cache_path) and os.path.getmtime(cache_path) >= _tin_source_mtime(root, wnids):
+        cached = _tin_read_cache(cache_path)
+        if cached is not None and cached[1] == wnids:
+            return cached
+    train, test = _tin_files(root, wnids)
+    x_train, y_train = _decode(train)
+    x_test, y_test = _decode(test)
+    arrays = {"x_train": x_train, "y_train": y_train, "x_test": x_test, "y_test": y_test}
+    if cache:
+        tmp = f"{cache_path}.tmp{os.getpid()}"
+        try:  # temp + rename: a killed run never leaves a half-written cache behind
+            with open(tmp, "wb") as f:  # a file object, so np.savez does not append ".npz"
+                np.savez(f, class_names=np.array(wnids), **arrays)
+            os.replace(tmp, cache_path)
+        except OSError:  # read-only data folder: work without a cache
+            if os.path.exists(tmp):
+                os.remove(tmp)
+    return arrays, wnids
+
+
+def resize_images(x_u8_nhwc, size, chunk=2048):
+    """uint8 NHWC -> uint8 NHWC at size x size: bilinear with antialias (PIL-like when shrinking),
+    e.g. Tiny ImageNet 64 -> 32 for the paper's 32x32 setting. Chunked to bound float memory."""
+    x = np.asarray(x_u8_nhwc)
+    out = np.empty((x.shape[0], size, size, x.shape[3]), np.uint8)
+    for i in range(0, x.shape[0], chunk):
+        t = torch.from_numpy(np.ascontiguousarray(x[i:i + chunk])).permute(0, 3, 1, 2).float()
+        t = F.interpolate(t, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+        out[i:i + chunk] = t.round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    return out
+
+
 def to_device_uint8(x_nhwc, device):
     return torch.from_numpy(np.ascontiguousarray(x_nhwc)).permute(0, 3, 1, 2).contiguous().to(device)
 
@@ -314,12 +440,43 @@ class WideResNet(Classifier):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
+class MobileNetV3(Classifier):
+    """MobileNetV3-Large (torchvision's layers and init) for 32x32 / 64x64 inputs, M' of Table XII.
+
+    CIFAR change: stem stride 1 instead of 2 (total stride 16, so 32x32 ends at 2x2 instead of
+    1x1). Features = the 1280-d vector after avgpool -> Linear(960, 1280) -> Hardswish, taken
+    *before* torchvision's Dropout(0.2): relation losses and kNN see a deterministic representation,
+    not a random mask. forward applies the dropout between features and fc, so logits equal
+    torchvision's in both modes; in eval mode fc(embed(x)) is exactly the logits.
+    """
+
+    def __init__(self, num_classes=10, dropout=0.2):
+        super().__init__()
+        import torchvision
+        tv = torchvision.models.mobilenet_v3_large(num_classes=num_classes, dropout=dropout)
+        tv.features[0][0].stride = (1, 1)
+        self.features, self.avgpool = tv.features, tv.avgpool
+        self.pre = tv.classifier[:2]  # Linear(960, 1280) + Hardswish
+        self.dropout = nn.Dropout(dropout)  # not torchvision's inplace one: it would overwrite the features
+        self.fc = tv.classifier[3]
+        self.feature_dim = self.fc.in_features
+
+    def embed(self, x):
+        return self.pre(self.avgpool(self.features(x)).flatten(1))
+
+    def forward(self, x, return_features=False):
+        f = self.embed(x)
+        z = self.fc(self.dropout(f))
+        return (f, z) if return_features else z
+
+
 MODELS = {
     "cnn_small": lambda nc: CNNSmall(nc),
     "resnet18": lambda nc: ResNet(BasicBlock, (2, 2, 2, 2), nc),
     "resnet18_lbgat": lambda nc: ResNet(BasicBlock, (2, 2, 2, 2), nc, strides=(1, 1, 2, 2)),
     "preact_resnet18": lambda nc: ResNet(PreActBlock, (2, 2, 2, 2), nc, preact=True),
     "wrn34_10": lambda nc: WideResNet(nc, 34, 10),
+    "mobilenet_v3": lambda nc: MobileNetV3(nc),
 }
 
 
@@ -535,21 +692,147 @@ def lam_at(cfg, epoch):
     return a, c * a
 
 
-def relation_tp(f_std, f_adv, cfg):
+def relation_inputs(s, cfg):
+    """(f of M on x, detached; f' of M' on x' (--tp-input adv) or on x (nat))."""
+    f_std = s.std_out()[0].detach()
+    f_adv = (s.adv_out() if cfg.tp_input == "adv" else s.nat_out())[0]
+    return f_std, f_adv
+
+
+def cosine_distances(f):
+    """d_ij = 1 - cos(f_i, f_j), the paper's Eq. 7."""
+    z = F.normalize(f, dim=1)
+    return 1.0 - z @ z.t()
+
+
+def rkd_loss(f_std, f_adv, eps=1e-12):
+    """RKD-distance (Park et al. 2019) with the paper's cosine distance d_ij (Eq. 7) as psi.
+
+    P = {d_ij}, Q = {d'_ij} (Eq. 6); each matrix is divided by the mean of its off-diagonal
+    entries (RKD's scale normalisation: f and f' live in spaces of unrelated scale); F of Eq. 5 is
+    the mean over ordered pairs i != j of smooth_l1(d'_ij, d_ij) (Huber, beta 1, as RKD). The
+    normaliser of M' keeps its gradient, as in RKD's code; RKD's mean also counts the zero
+    diagonal, here pairs i == j are left out of both means.
+    """
+    n = f_std.shape[0]
+    off = ~torch.eye(n, dtype=torch.bool, device=f_std.device)
+    d = cosine_distances(f_std)[off]
+    d_adv = cosine_distances(f_adv)[off]
+    d = d / d.mean().clamp_min(eps)
+    d_adv = d_adv / d_adv.mean().clamp_min(eps)
+    return F.smooth_l1_loss(d_adv, d, beta=1.0)
+
+
+def relation_rkd(s, cfg):
+    """Vanilla AT + RKD (Table VI): absolute relationship preservation, Eqs. 5-7 (see rkd_loss)."""
+    f_std, f_adv = relation_inputs(s, cfg)
+    return rkd_loss(f_std, f_adv)
+
+
+class CRDHeads(nn.Module):
+    """CRD's two trainable embeddings (Tian et al. 2020): M' features and M features -> dim."""
+
+    def __init__(self, dim_std, dim_adv, dim=128):
+        super().__init__()
+        self.std = nn.Linear(dim_std, dim)
+        self.adv = nn.Linear(dim_adv, dim)
+
+
+def crd_loss(f_std, f_adv, heads, temp):
+    """In-batch CRD: InfoNCE over the batch (CRD's memory bank of 16384 negatives replaced by the
+    other samples of the batch). Row i: positive = M's sample i, negatives = M's other samples."""
+    z_adv = F.normalize(heads.adv(f_adv), dim=1)
+    z_std = F.normalize(heads.std(f_std), dim=1)
+    logits = z_adv @ z_std.t() / temp
+    return F.cross_entropy(logits, torch.arange(len(logits), device=logits.device))
+
+
+def relation_crd(s, cfg):
+    """Vanilla AT + CRD (Table VI); the heads (s.heads, a CRDHeads) are trained, M is not."""
+    f_std, f_adv = relation_inputs(s, cfg)
+    return crd_loss(f_std, f_adv, s.heads, cfg.crd_temp)
+
+
+def supcon_loss(f, labels, temp):
+    """SupCon (Khosla et al. 2020, L_out): anchors = rows of f (L2-normalised), positives = the
+    other rows with the same label, denominator = all other rows. Mean over anchors with >= 1
+    positive. No temp / base_temp factor (Khosla's code has it; it only rescales the loss)."""
+    z = F.normalize(f, dim=1)
+    sim = z @ z.t() / temp
+    self_mask = torch.eye(len(z), dtype=torch.bool, device=z.device)
+    log_prob = sim - torch.logsumexp(sim.masked_fill(self_mask, float("-inf")), dim=1, keepdim=True)
+    pos = (labels[:, None] == labels[None, :]) & ~self_mask
+    n_pos = pos.sum(1)
+    per_anchor = -torch.where(pos, log_prob, torch.zeros_like(log_prob)).sum(1) / n_pos.clamp_min(1)
+    return per_anchor[n_pos > 0].mean()
+
+
+def relation_mca(s, cfg):
+    """MCA (Yang et al. 2021) as in Table VI: SupCon on M' features of x and x' (2N anchors, so
+    every anchor has at least its other view as positive). Looks at M' alone: --tp-input and M are
+    unused (the name belongs in RELATION_WITHOUT_STD)."""
+    f = torch.cat([s.nat_out()[0], s.adv_out()[0]])
+    return supcon_loss(f, torch.cat([s.y, s.y]), cfg.mca_temp)
+
+
+def relation_tp(s, cfg):
     """L_TP of the paper (kernels/): relative neighbour-graph preservation."""
+    f_std, f_adv = relation_inputs(s, cfg)
     return topology_loss(f_std, f_adv, reduction=cfg.tp_reduction, impl=cfg.tp_impl)
 
 
-RELATION_LOSSES = {"tp": relation_tp}
-RELATION_WITHOUT_STD = set()  # relation losses that look at M' alone
-RELATION_HEADS = {}  # relation losses with trainable heads: name -> nn.Module(dim_std, dim_adv)
+# relation-preserving losses used by --train (--relation): (StepState, cfg) -> 0-dim tensor
+RELATION_LOSSES = {"tp": relation_tp, "rkd": relation_rkd, "crd": relation_crd, "mca": relation_mca}
+RELATION_WITHOUT_STD = {"mca"}  # relation losses that look at M' alone
+RELATION_HEADS = {"crd": CRDHeads}  # relation losses with trainable heads: name -> nn.Module(dim_std, dim_adv)
 
 
 def plugin_train(s, cfg, epoch):
-    """TRAIN: lambda(t) * L_TP(f.detach(), f'), f' from M'(x') (--tp-input adv) or M'(x) (nat)."""
-    f_std = s.std_out()[0].detach()  # M influences M' one way: no gradient to M
-    f_adv = (s.adv_out() if cfg.tp_input == "adv" else s.nat_out())[0]
-    return {"tp": lam_at(cfg, epoch)[1] * RELATION_LOSSES[cfg.relation](f_std, f_adv, cfg)}
+    """TRAIN: lambda(t) * L_TP(f.detach(), f'), f' from M'(x') (--tp-input adv) or M'(x) (nat);
+    --relation swaps L_TP for another relation loss (Table VI). The term is named after it."""
+    return {cfg.relation: lam_at(cfg, epoch)[1] * RELATION_LOSSES[cfg.relation](s, cfg)}
+
+
+# -------------------------------------------------------------------------------------
+# AWP (Wu et al. 2020), as in its official AT-AWP / TRADES-AWP code
+#    Per step:  diff = awp_diff(model, proxy, proxy_opt, base_loss)   # after crafting x'
+#               add_into_weights(model, diff, +gamma)                   # perturb
+#               forward, loss, backward, optimizer.step()               # gradient at w + v
+#               add_into_weights(model, diff, -gamma)                   # restore
+#    Restoring after the step (as the official code does) means the update is computed at the
+#    perturbed point w + v and applied, then exactly the same v is removed: w <- w - lr * g(w + v).
+#    gamma: 0.01 (AT-AWP), 0.005 (TRADES-AWP); proxy_opt: SGD(proxy.parameters(), lr=0.01).
+AWP_EPS = 1e-20
+
+
+def awp_diff(model, proxy, proxy_opt, loss_fn):
+    """One ascent step of the base loss on a copy of `model`; -> {name: v} for each weight with
+    dim > 1 (conv / linear), v = (w_proxy - w) * ||w|| / ||w_proxy - w|| layer-wise (so
+    ||v|| = ||w|| and gamma is a relative size). `loss_fn(m)` is the base method's loss of model m.
+    `model` (weights, grads, BN statistics) is left untouched."""
+    proxy.load_state_dict(model.state_dict())
+    proxy.train()
+    loss = -loss_fn(proxy)
+    proxy_opt.zero_grad(set_to_none=True)
+    loss.backward()
+    proxy_opt.step()
+    moved = dict(proxy.named_parameters())
+    diff = {}
+    with torch.no_grad():
+        for name, w in model.named_parameters():
+            if w.dim() <= 1 or "weight" not in name:  # biases and BN affine stay unperturbed
+                continue
+            d = moved[name] - w
+            diff[name] = w.norm() / (d.norm() + AWP_EPS) * d
+    return diff
+
+
+def add_into_weights(model, diff, coeff):
+    """w += coeff * diff[name] for the named weights (coeff = +gamma perturbs, -gamma restores)."""
+    with torch.no_grad():
+        for name, w in model.named_parameters():
+            if name in diff:
+                w.add_(diff[name], alpha=coeff)
 
 
 def awp_gamma(cfg):

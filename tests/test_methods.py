@@ -154,3 +154,54 @@ def test_tp_input_nat_uses_natural_features():
     nat = common.plugin_train(s, cfg_for("at", tp_input="nat"), 1)["tp"]
     want = 5 * common.topology_loss(s.std_out()[0].detach(), s.nat_out()[0])
     assert nat.item() == pytest.approx(want.item()) and adv.item() != pytest.approx(nat.item())
+
+
+@pytest.mark.parametrize("relation", sorted(common.RELATION_LOSSES))
+@pytest.mark.parametrize("awp", [False, True])
+def test_one_step_relations_and_awp(relation, awp):
+    torch.manual_seed(0)
+    cfg = cfg_for("trades", train=True, relation=relation, awp=awp, awp_warmup=0, lr=0.05)
+    cfg.std_arch = cfg.arch = "cnn_small"
+    models = common.build_models(cfg, 4, torch.device("cpu"))
+    assert ("std" in models) == (relation != "mca") and ("heads" in models) == (relation == "crd")
+    assert ("_awp_proxy" in models) == awp
+    opts = common.build_optimizers(models, cfg)
+    snaps = {k: snapshot(m) for k, m in models.items()}
+    x, y = torch.rand(8, 3, 16, 16), torch.randint(0, 4, (8,))
+    terms = common.train_step(models, opts, x, y, cfg, epoch=1)
+    assert relation in terms and all(torch.isfinite(v) for v in terms.values())
+    for k, m in models.items():
+        if not k.startswith("_"):
+            assert changed(m, snaps[k]), k
+
+
+def test_awp_step_equals_step_at_perturbed_weights_then_restored(monkeypatch):
+    """With AWP the update is computed at w + gamma v and v is removed afterwards (AWP's code)."""
+    torch.manual_seed(0)
+    cfg = cfg_for("at", awp=True, awp_warmup=0, awp_gamma=0.01, lr=0.1, momentum=0.0, wd=0.0, steps=0, eps=0.0)
+    cfg.arch = "cnn_small"
+    models = common.build_models(cfg, 4, torch.device("cpu"))
+    for m in models.values():
+        m.eval()  # no BN statistics drift, so the two paths can be compared exactly-ish
+    opts = common.build_optimizers(models, cfg)
+    x, y = torch.rand(8, 3, 16, 16), torch.randint(0, 4, (8,))
+    w0 = {k: v.clone() for k, v in models["adv"].state_dict().items()}
+    captured = {}
+    real = common.awp_diff
+
+    def spy(*a, **kw):
+        captured["diff"] = real(*a, **kw)
+        return captured["diff"]
+    monkeypatch.setattr(common, "awp_diff", spy)
+    common.train_step(models, opts, x, y, cfg, epoch=1)
+    # by hand: gradient of CE at w + gamma v, SGD step, then minus gamma v == plain step from w
+    ref = common.build_model("cnn_small", 4).eval()
+    ref.load_state_dict(w0)
+    common.add_into_weights(ref, captured["diff"], 0.01)
+    torch.nn.functional.cross_entropy(ref(x), y).backward()
+    with torch.no_grad():
+        for n, p in ref.named_parameters():
+            p -= 0.1 * p.grad
+    common.add_into_weights(ref, captured["diff"], -0.01)
+    for n, p in models["adv"].named_parameters():
+        assert torch.allclose(p, dict(ref.named_parameters())[n], atol=1e-6), n
