@@ -1317,7 +1317,7 @@ def evaluate(ckpt_path, opts, log=print):
     metrics, eval_model, tsne, device, seed)."""
     device = torch.device(opts.device)
     ck = load_checkpoint(ckpt_path, device)
-    run_cfg = argparse.Namespace(**ck["config"])
+    run_cfg = saved_config(ck["config"])
     for k in ("data_file", "data_dir"):  # data may have moved since training
         if getattr(opts, f"_{k}_given", False):
             setattr(run_cfg, k, getattr(opts, k))
@@ -1681,12 +1681,20 @@ def run_status(run_dir):
     return "done" if done >= epochs else "partial"
 
 
+def saved_config(saved):
+    """A run's saved settings over today's defaults, so checkpoints from before a flag existed load."""
+    cfg = build_parser({}).parse_args([])
+    for k, v in saved.items():
+        setattr(cfg, k, v)
+    return cfg
+
+
 def resume_config(cfg, run_dir):
     """On --resume the run's own config.json is authoritative (only the device may change)."""
     with open(os.path.join(run_dir, "config.json")) as fh:
         saved = json.load(fh)["config"]
     saved.update(device=cfg.device, resume=True, overwrite=False)
-    return argparse.Namespace(**saved)
+    return saved_config(saved)
 
 
 def make_logger(run_dir):

@@ -150,8 +150,8 @@ def run_and_evaluate(label, args, metrics, passthrough, quick, dry_run, log):
     if not os.path.isfile(eval_json):
         ckpt = os.path.join(run_dir, "last.pt" if "--method standard" in " ".join(args) else "best.pt")
         eval_argv = [a for a in passthrough] + ["--eval", ckpt, "--metrics", metrics, "--knn-k", BETA_KS]
-        if quick:
-            eval_argv += ["--knn-train-n", "1024"]
+        if quick:  # smoke scale: AutoAttack on 100 images, kNN support from the 1,024 training images
+            eval_argv += ["--knn-train-n", "1024", "--aa-n", "100"]
         common.main(DEFAULTS, eval_argv)
     with open(eval_json) as fh:
         return json.load(fh)

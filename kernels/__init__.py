@@ -13,7 +13,7 @@ IMPLS = ("auto", "torch", "triton")
 def triton_available(device_type):
     """The Triton kernel runs on CUDA, or on the CPU under TRITON_INTERPRET=1 (tests)."""
     try:
-        from . import topology_loss as _  # noqa: F401  (imports triton)
+        from . import fused  # noqa: F401  (imports triton)
     except ImportError:
         return False
     return device_type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
@@ -34,5 +34,5 @@ def topology_loss(f_std, f_adv, reduction="sum", impl="auto"):
     if not triton_available(f_adv.device.type):
         raise RuntimeError("topology_loss: impl='triton' needs triton and a CUDA tensor "
                            "(or TRITON_INTERPRET=1 on the CPU)")
-    from .topology_loss import topology_loss_triton
+    from .fused import topology_loss_triton
     return topology_loss_triton(f_std, f_adv, reduction)

@@ -1,7 +1,7 @@
 """PyTorch reference of the topology-preserving loss L_TP (Mi et al., Eqs. 8-14).
 
 This file is the single source of truth for the formula: the Triton kernel
-(kernels/topology_loss.py) and every test are checked against it.
+(kernels/fused.py) and every test are checked against it.
 
 For features X (N x D) a neighbour graph is built, P from the standard model M's
 features f_std and Q from the adversarial model M''s features f_adv:
