@@ -1,9 +1,5 @@
 """AWP: layer-wise perturbation, exact restore, the perturbation increases the loss."""
-import argparse
-import os
 
-import numpy as np
-import pytest
 import torch
 import torch.nn.functional as F
 

@@ -1,11 +1,8 @@
 """Relation-preserving losses of Table VI (rkd, crd, mca) against float64 NumPy; gradients reach M' only."""
 import argparse
-import os
 
 import numpy as np
-import pytest
 import torch
-import torch.nn.functional as F
 
 import common
 

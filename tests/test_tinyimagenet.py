@@ -1,11 +1,8 @@
 """Tiny ImageNet folder parsing, caching and errors on a generated miniature tree; resizing."""
-import argparse
 import os
 
 import numpy as np
 import pytest
-import torch
-import torch.nn.functional as F
 
 import common
 
