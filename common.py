@@ -1040,11 +1040,10 @@ class StopFlag:
             signal.signal(signal.SIGINT, self.old)
 
 
-def train(cfg, run_dir, resume=False, log=print):
+def train(cfg, run_dir, data, resume=False, log=print):
     """The epoch loop: train, monitor, checkpoint (last.pt every epoch, best.pt by PGD accuracy)."""
     device = torch.device(cfg.device)
     seed_everything(cfg.seed)
-    data = load_data(cfg, device)
     models = build_models(cfg, data.num_classes, device)
     if cfg.std_ckpt:
         load_std_checkpoint(models, cfg, device)
@@ -1644,21 +1643,26 @@ def git_commit():
         return None
 
 
-def prepare_run_dir(cfg, defaults, prefix):
-    """Pick the run folder; refuse to touch an existing run without --resume / --overwrite."""
+def choose_run_dir(cfg, defaults, prefix):
+    """Pick the run folder (nothing is written yet); refuse an existing run without --resume / --overwrite."""
     run_dir = cfg.out or os.path.join(cfg.runs_dir, run_name(cfg, defaults, prefix))
-    existing = [f for f in RUN_FILES if os.path.exists(os.path.join(run_dir, f))]
     if cfg.resume:
         if not os.path.isfile(os.path.join(run_dir, "last.pt")):
             raise UserError(f"--resume: no checkpoint {os.path.join(run_dir, 'last.pt')} to resume from")
         return run_dir
+    existing = [f for f in RUN_FILES if os.path.exists(os.path.join(run_dir, f))]
     if existing and not cfg.overwrite:
         raise UserError(f"run folder {run_dir} already holds a run ({', '.join(existing)}); "
                         "pass --resume to continue it, --overwrite to replace it, or --out elsewhere")
-    os.makedirs(run_dir, exist_ok=True)
-    for f in existing:
-        os.remove(os.path.join(run_dir, f))
     return run_dir
+
+
+def init_run_dir(run_dir):
+    """Create the folder and clear an old run's files (only reached with --overwrite)."""
+    os.makedirs(run_dir, exist_ok=True)
+    for f in RUN_FILES:
+        if os.path.exists(os.path.join(run_dir, f)):
+            os.remove(os.path.join(run_dir, f))
 
 
 def run_dir_for(defaults, argv, prefix):
@@ -1723,17 +1727,19 @@ def main(defaults, argv=None, prefix=None):
         if cfg.eval:
             evaluate(cfg.eval, cfg)
             return os.path.dirname(cfg.eval)
-        run_dir = prepare_run_dir(cfg, defaults, prefix)
+        run_dir = choose_run_dir(cfg, defaults, prefix)
         if cfg.resume:
             cfg = resume_config(cfg, run_dir)
-        else:
+        data = load_data(cfg, torch.device(cfg.device))  # bad data -> exit 2 before anything is written
+        if not cfg.resume:
+            init_run_dir(run_dir)
             with open(os.path.join(run_dir, "config.json"), "w") as fh:
                 json.dump({"config": vars(cfg), "versions": versions(), "git_commit": git_commit(),
                            "command": " ".join([os.path.basename(sys.argv[0])] + list(sys.argv[1:] if argv is None else argv)),
                            "started": time.strftime("%Y-%m-%d %H:%M:%S")}, fh, indent=2)
         log = make_logger(run_dir)
         log(f"run folder: {run_dir}")
-        train(cfg, run_dir, resume=cfg.resume, log=log)
+        train(cfg, run_dir, data, resume=cfg.resume, log=log)
         return run_dir
     except UserError as e:
         sys.stderr.write(f"error: {e}\n")

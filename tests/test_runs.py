@@ -110,6 +110,7 @@ def test_bad_input_exits_2_with_one_line(args, needle, tmp_path):
     r = cli(*args, "--out", str(tmp_path / "x"))
     assert r.returncode == 2, r.stderr
     assert needle in r.stderr and len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
+    assert not os.path.exists(tmp_path / "x")  # nothing is written for bad input
 
 
 def test_existing_run_dir_is_not_overwritten(tiny_npz, tmp_path):
