@@ -1,8 +1,15 @@
 """TRAIN (Topology-pReserving Adversarial traINing): the shared core.
 
-Sections, in the order data flows:
-  1. data        2. models        3. attacks        4. losses and methods
-  5. training    6. evaluation    7. run I/O and CLI
+Sections, in the order data flows (search for the banner "# N. name"):
+  1. data        load_npz, load_torchvision, load_tinyimagenet_folder, epoch_plan, augment
+  2. models      CNNSmall, ResNet (resnet18, resnet18_lbgat, preact_resnet18), WideResNet (wrn34_10),
+                 MobileNetV3; registry MODELS
+  3. attacks     pgd (one PGD over a loss of the logits): ce_sum, kl_to_clean, cw_margin; attack_ce, attack_kl
+  4. losses      loss_at, loss_trades, loss_alp, loss_mart, loss_standard -> BASE_METHODS;
+                 plugin_train (L_TP and the other RELATION_LOSSES), plugin_lbgat -> PLUGINS; AWP
+  5. training    train_step (one step of Algorithm 1), train (epochs, checkpoints, resume)
+  6. evaluation  evaluate (natural, PGD-20, CW-20, AutoAttack, kNN topology score, test L_TP), sanity_checks
+  7. run I/O     build_parser (the CLI shared by every script), run folders, main
 Experiment scripts (exp_*.py) hold the paper's settings and call `main(defaults)`.
 Inputs are in [0, 1] everywhere; no normalisation happens outside the models.
 """
