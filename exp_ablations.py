@@ -135,10 +135,26 @@ def run_dir_of(args, passthrough, quick):
     return os.path.join(study_root(passthrough, quick), slug(args))
 
 
+IGNORED_SETTINGS = {"device", "resume", "overwrite", "out", "runs_dir", "data_dir", "_data_file_given", "_data_dir_given"}
+
+
+def check_same_settings(run_dir, argv):
+    """A folder is reused only if it holds a run with exactly these settings."""
+    with open(os.path.join(run_dir, "config.json")) as fh:
+        saved = json.load(fh)["config"]
+    wanted = vars(common.parse_args(DEFAULTS, argv)[0])
+    diff = sorted(k for k, v in wanted.items() if k not in IGNORED_SETTINGS and k in saved and saved[k] != v)
+    if diff:
+        raise common.UserError(f"{run_dir} holds a run with other settings ({', '.join(diff)}); "
+                               "move it away or use another --runs-dir")
+
+
 def run_and_evaluate(label, args, metrics, passthrough, quick, dry_run, log):
     run_dir = run_dir_of(args, passthrough, quick)
     argv = args + passthrough + (QUICK_ARGS if quick else []) + ["--out", run_dir]
     status = common.run_status(run_dir)
+    if status != "missing":
+        check_same_settings(run_dir, argv)
     if dry_run:
         log(f"[{status}] {label}: {' '.join(argv)} -> {run_dir}")
         return None

@@ -70,3 +70,15 @@ def test_standard_method_and_frozen_pretrained_std(tiny_npz, tmp_path):
     with pytest.raises(SystemExit) as e:  # --freeze-std without --std-ckpt
         common.main(DEFAULTS, tiny_args(tiny_npz, tmp_path / "bad", "--train", "--freeze-std"), prefix="t")
     assert e.value.code == 2
+
+
+def test_study_refuses_a_folder_with_other_settings(tiny_npz, tmp_path, monkeypatch):
+    monkeypatch.setattr(ab, "QUICK_ARGS", ab.QUICK_ARGS + ["--batch-size", "16", "--steps", "1", "--eval-steps", "1"])
+    args = ["--data-file", tiny_npz, "--device", "cpu", "--runs-dir", str(tmp_path)]
+    ab.main(["--study", "lambda", "--quick", "--dry-run"] + args)  # nothing yet: fine
+    run_dir = ab.run_dir_of(["--train", "--lam", "0"], args, True)
+    os.makedirs(run_dir)
+    common.main(DEFAULTS, ["--train", "--lam", "0", "--out", run_dir, "--epochs", "1", "--batch-size", "16", "--steps", "1",
+                           "--eval-steps", "1"] + args + ["--quick"])  # 1 epoch, the study wants 2
+    with pytest.raises(common.UserError, match="other settings"):
+        ab.main(["--study", "lambda", "--quick", "--dry-run"] + args)
