@@ -1093,7 +1093,9 @@ def train(cfg, run_dir, data, resume=False, log=print):
                 try:
                     terms = train_step(models, opts, x, data.y_train[idx.to(device)], cfg, epoch)
                 except Diverged as e:
-                    raise Diverged(f"{e}; the last good checkpoint is {last}") from None
+                    kept = f"the last good checkpoint is {last}" if os.path.isfile(last) else "no checkpoint was written yet"
+                    log(f"diverged: {e}; {kept}")  # also on record in log.txt
+                    raise Diverged(f"{e}; {kept}") from None
                 for k, v in terms.items():
                     sums[k] = sums.get(k, 0.0) + v.item()
                 if StopFlag.requested and b + 1 < n_batches:

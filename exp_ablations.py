@@ -153,13 +153,22 @@ def run_and_evaluate(label, args, metrics, passthrough, quick, dry_run, log):
     run_dir = run_dir_of(args, passthrough, quick)
     argv = args + passthrough + (QUICK_ARGS if quick else []) + ["--out", run_dir]
     status = common.run_status(run_dir)
-    if status != "missing":
+    if os.path.isfile(os.path.join(run_dir, "config.json")):
         check_same_settings(run_dir, argv)
     if dry_run:
         log(f"[{status}] {label}: {' '.join(argv)} -> {run_dir}")
         return None
     if status != "done":
-        common.main(DEFAULTS, argv + (["--resume"] if status == "partial" else []))
+        # partial: resume; missing but the folder has files (a run that diverged before its first
+        # checkpoint, same settings as checked above): start it again
+        again = ["--resume"] if status == "partial" else ["--overwrite"] if os.path.isdir(run_dir) else []
+        try:
+            common.main(DEFAULTS, argv + again)
+        except SystemExit as e:
+            if e.code != 1:  # common.main exits 1 on a NaN/inf loss only; 2 (bad input) ends the study
+                raise
+            log(f"{label}: diverged (non-finite loss), see {os.path.join(run_dir, 'log.txt')}; the study goes on")
+            return {"failed": "diverged"}
         if common.run_status(run_dir) != "done":
             raise SystemExit(f"{label}: the run stopped before its last epoch; rerun the study to resume it")
     eval_json = os.path.join(run_dir, "eval.json")
@@ -178,6 +187,16 @@ def pct(v):
 
 
 def render_table(study, rows):
+    """The study's table, in run order; a failed run keeps its row, saying how it failed."""
+    lines = _render_rows(study, [(label, r) for label, r in rows if "failed" not in r]).rstrip("\n").splitlines()
+    head, body = lines[:2], iter(lines[2:])
+    width = head[0].count("|") - 1
+    name = (lambda label: label.split()[-1]) if study in ("lambda", "beta-sweep") else (lambda label: label)
+    return "\n".join(head + [f"| {name(label)} | {r['failed']} |" + " - |" * (width - 2) if "failed" in r else next(body)
+                             for label, r in rows])
+
+
+def _render_rows(study, rows):
     if study == "lambda":
         head = "| lambda | Natural | PGD-20 | test L_TP |\n| --- | --- | --- | --- |"
         body = [f"| {label.split()[-1]} | {pct(r.get('natural'))} | {pct(r.get('pgd'))} | "
@@ -293,8 +312,12 @@ def main(argv=None):
         fh.write(table + "\n")
     log(f"table: {os.path.join(root, args.study + '.md')}")
     if args.study == "beta-sweep":
-        log(f"figure: {plot_beta_sweep(rows, os.path.join(root, 'beta-sweep.png'))}")
+        log(f"figure: {plot_beta_sweep([(l, r) for l, r in rows if 'failed' not in r], os.path.join(root, 'beta-sweep.png'))}")
     log(table)
+    failed = [label for label, r in rows if "failed" in r]
+    if failed:
+        log(f"error: {len(failed)} of {len(rows)} runs failed ({', '.join(failed)}); their rows say how")
+        raise SystemExit(1)
     return table
 
 

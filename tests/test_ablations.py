@@ -82,3 +82,33 @@ def test_study_refuses_a_folder_with_other_settings(tiny_npz, tmp_path, monkeypa
                            "--eval-steps", "1"] + args + ["--quick"])  # 1 epoch, the study wants 2
     with pytest.raises(common.UserError, match="other settings"):
         ab.main(["--study", "lambda", "--quick", "--dry-run"] + args)
+
+
+def test_a_diverged_run_keeps_its_row_and_the_study_goes_on(tiny_npz, tmp_path, monkeypatch):
+    real = common.BASE_METHODS["at"]
+
+    def nan_loss(s, cfg):
+        terms = real.loss(s, cfg)
+        terms["ce_adv"] = terms["ce_adv"] * float("nan")
+        return terms
+    monkeypatch.setitem(common.BASE_METHODS, "nanat", common.Method(real.attack, nan_loss))
+    monkeypatch.setitem(ab.STUDIES, "toy", lambda quick, dir_of: [("diverges", ["--method", "nanat"], "nat"),
+                                                                  ("fine", ["--method", "at"], "nat")])
+    monkeypatch.setattr(ab, "QUICK_ARGS", ab.QUICK_ARGS + ["--batch-size", "16", "--steps", "1", "--eval-steps", "1",
+                                                           "--epochs", "1", "--milestones", "1"])
+    args = ["--data-file", tiny_npz, "--device", "cpu", "--runs-dir", str(tmp_path)]
+    fine_ckpt = os.path.join(ab.run_dir_of(["--method", "at"], args, True), "last.pt")
+    for attempt in range(2):  # the second time: the diverged run is tried again, the finished one reused
+        with pytest.raises(SystemExit) as e:
+            ab.main(["--study", "toy", "--quick"] + args)
+        assert e.value.code == 1
+        if attempt == 0:
+            first_mtime = os.path.getmtime(fine_ckpt)
+    assert os.path.getmtime(fine_ckpt) == first_mtime
+    with open(os.path.join(ab.study_root(args, True), "toy.md")) as fh:
+        lines = fh.read().splitlines()
+    assert lines[2] == "| diverges | diverged | - | - | - |"
+    assert lines[3].startswith("| fine | ") and "diverged" not in lines[3] and len(lines) == 4
+    with open(os.path.join(ab.run_dir_of(["--method", "nanat"], args, True), "log.txt")) as fh:
+        text = fh.read()
+    assert "diverged: non-finite loss in epoch 1" in text and "no checkpoint was written yet" in text

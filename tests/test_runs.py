@@ -93,6 +93,8 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_npz, tmp_path, monke
         run(tiny_args(tiny_npz, tmp_path / "nan", "--method", "at"))
     assert e.value.code == 1
     assert weights(tmp_path / "nan")[2]["epoch"] == 1
+    with open(tmp_path / "nan" / "log.txt") as fh:
+        assert f"epoch 2 (terms ['ce_adv']); lower --lr or --lam; the last good checkpoint is {tmp_path / 'nan' / 'last.pt'}" in fh.read()
 
 
 def cli(*args, cwd=ROOT):
