@@ -1094,7 +1094,8 @@ def train(cfg, run_dir, data, resume=False, log=print):
                     terms = train_step(models, opts, x, data.y_train[idx.to(device)], cfg, epoch)
                 except Diverged as e:
                     kept = f"the last good checkpoint is {last}" if os.path.isfile(last) else "no checkpoint was written yet"
-                    log(f"diverged: {e}; {kept}")  # also on record in log.txt
+                    with open(os.path.join(run_dir, "log.txt"), "a") as fh:  # on record; main() prints the error
+                        fh.write(f"diverged: {e}; {kept}\n")
                     raise Diverged(f"{e}; {kept}") from None
                 for k, v in terms.items():
                     sums[k] = sums.get(k, 0.0) + v.item()
