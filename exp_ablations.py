@@ -249,14 +249,17 @@ def time_study(quick, passthrough, steps, warmup, log):
     x = torch.rand(cfg.batch_size, 3, 32, 32, device=device)
     y = torch.randint(0, 100, (cfg.batch_size,), device=device)
     per_epoch = math.ceil(50_000 / cfg.batch_size)
-    results = {}
+    runs = {}  # label -> (config, models, optimizers); all built first so steps can be interleaved
     for label, method, plugins in TIME_CONFIGS:
         c = argparse.Namespace(**vars(cfg))
         c.method, c.train, c.lbgat = method, "train" in plugins, "lbgat" in plugins
         models = common.build_models(c, 100, device)
-        opts = common.build_optimizers(models, c)
-        times = []
-        for i in range(warmup + steps):
+        runs[label] = (c, models, common.build_optimizers(models, c))
+    # Round-robin: one step of every configuration per round, so a slow spell of a shared machine
+    # slows all configurations alike instead of biasing whichever one ran during it.
+    times = {label: [] for label in runs}
+    for i in range(warmup + steps):
+        for label, (c, models, opts) in runs.items():
             if device.type == "cuda":
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
@@ -264,12 +267,13 @@ def time_study(quick, passthrough, steps, warmup, log):
             if device.type == "cuda":
                 torch.cuda.synchronize()
             if i >= warmup:
-                times.append(time.perf_counter() - t0)
-        results[label] = statistics.median(times)
-        log(f"{label}: {results[label]:.3f} s/step")
-        del models, opts
+                times[label].append(time.perf_counter() - t0)
+    results = {label: statistics.median(t) for label, t in times.items()}
+    for label, sec in results.items():
+        log(f"{label}: {sec:.3f} s/step")
+    del runs
     lines = [f"Training time on {name}: M' = {cfg.arch}, M = {cfg.std_arch}, batch {cfg.batch_size}, "
-             f"PGD-{cfg.steps}; median of {steps} steps after {warmup} warm-up; epoch = {per_epoch} steps",
+             f"PGD-{cfg.steps}; median of {steps} steps after {warmup} warm-up, configurations interleaved; epoch = {per_epoch} steps",
              "", "| method | s / step | s / epoch (extrapolated) | overhead vs base |", "| --- | --- | --- | --- |"]
     for label, method, plugins in TIME_CONFIGS:
         base = results["AT" if method == "at" else "TRADES"]
