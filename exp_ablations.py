@@ -271,9 +271,9 @@ def time_study(quick, passthrough, steps, warmup, log):
     results = {label: statistics.median(t) for label, t in times.items()}
     for label, sec in results.items():
         log(f"{label}: {sec:.3f} s/step")
-    del runs
     lines = [f"Training time on {name}: M' = {cfg.arch}, M = {cfg.std_arch}, batch {cfg.batch_size}, "
-             f"PGD-{cfg.steps}; median of {steps} steps after {warmup} warm-up, configurations interleaved; epoch = {per_epoch} steps",
+             f"PGD-{cfg.steps}; median of {steps} steps after {warmup} warm-up, configurations interleaved; "
+             f"epoch = {per_epoch} steps",
              "", "| method | s / step | s / epoch (extrapolated) | overhead vs base |", "| --- | --- | --- | --- |"]
     for label, method, plugins in TIME_CONFIGS:
         base = results["AT" if method == "at" else "TRADES"]
