@@ -23,7 +23,7 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field, fields
 
 import numpy as np
 import torch
@@ -292,44 +292,44 @@ class Classifier(nn.Module):
         return (f, z) if return_features else z
 
 
-class CNNSmall(Classifier):
-    """A small CNN for tests and --quick runs (three conv stages, 128-d features)."""
+def conv_bn_relu(c_in, c_out, stride=1):
+    return [nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)]
 
-    def __init__(self, num_classes=10, width=32):
+
+class PlainCNN(Classifier):
+    """A plain conv body, global average pooling, one linear layer."""
+
+    def __init__(self, layers, feature_dim, num_classes):
         super().__init__()
-        w = width
-        layers, c_in = [], 3
-        for c_out, stride in ((w, 1), (2 * w, 2), (4 * w, 2)):
-            layers += [nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)]
-            c_in = c_out
         self.body = nn.Sequential(*layers)
-        self.feature_dim = c_in
-        self.fc = nn.Linear(c_in, num_classes)
+        self.feature_dim = feature_dim
+        self.fc = nn.Linear(feature_dim, num_classes)
 
     def embed(self, x):
         return F.adaptive_avg_pool2d(self.body(x), 1).flatten(1)
 
 
-class CNN6(Classifier):
+class CNNSmall(PlainCNN):
+    """A small CNN for tests and --quick runs (three conv stages, 128-d features)."""
+
+    def __init__(self, num_classes=10, width=32):
+        w = width
+        layers = conv_bn_relu(3, w) + conv_bn_relu(w, 2 * w, 2) + conv_bn_relu(2 * w, 4 * w, 2)
+        super().__init__(layers, 4 * w, num_classes)
+
+
+class CNN6(PlainCNN):
     """A fast CIFAR net for CPU-scale studies: three stages of two conv-BN-ReLU each (widths w, 2w, 4w)
     with a 2x2 max-pool after each stage, 4w-d features. At w=16 it has ~0.1M parameters and trains
     PGD-3 AT at ~200 images/s on one CPU thread (2026-12-01, AMD EPYC), 1.6x cnn_small's speed,
     with twice its depth (six convolutions instead of three)."""
 
     def __init__(self, num_classes=10, width=16):
-        super().__init__()
         layers, c_in = [], 3
         for c_out in (width, 2 * width, 4 * width):
-            for c in (c_in, c_out):
-                layers += [nn.Conv2d(c, c_out, 3, 1, 1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)]
-            layers.append(nn.MaxPool2d(2))
+            layers += conv_bn_relu(c_in, c_out) + conv_bn_relu(c_out, c_out) + [nn.MaxPool2d(2)]
             c_in = c_out
-        self.body = nn.Sequential(*layers)
-        self.feature_dim = c_in
-        self.fc = nn.Linear(c_in, num_classes)
-
-    def embed(self, x):
-        return F.adaptive_avg_pool2d(self.body(x), 1).flatten(1)
+        super().__init__(layers, c_in, num_classes)
 
 
 class BasicBlock(nn.Module):
@@ -598,13 +598,13 @@ def attack_kl(model, x, y, cfg):
 #    Plug-ins (train, lbgat) add terms on top of any base method. The step sums all terms.
 # =====================================================================================
 class StepState:
-    """What one training step knows; forward passes are computed once and shared by all terms."""
+    """What one training step knows; forward passes are computed once and shared by all terms.
+    M (model_std) runs without gradients when it is not trained (a frozen pre-trained M)."""
 
-    def __init__(self, model_adv, model_std, x, y, std_trainable=True, heads=None):
-        self.model_adv, self.model_std, self.x, self.y = model_adv, model_std, x, y
+    def __init__(self, model_adv, x, y, x_adv, model_std=None, std_trainable=True, heads=None):
+        self.model_adv, self.model_std, self.x, self.y, self.x_adv = model_adv, model_std, x, y, x_adv
         self.std_trainable = std_trainable
         self.heads = heads  # trainable heads of a relation loss (e.g. CRD's projections), else None
-        self.x_adv = None
         self._cache = {}
 
     def _once(self, key, fn):
@@ -623,9 +623,7 @@ class StepState:
     def std_out(self):
         """(features, logits) of the standard model M(x)."""
         def run():
-            if self.std_trainable:
-                return self.model_std(self.x, return_features=True)
-            with torch.no_grad():
+            with torch.set_grad_enabled(self.std_trainable and torch.is_grad_enabled()):
                 return self.model_std(self.x, return_features=True)
         return self._once("std", run)
 
@@ -701,24 +699,35 @@ def ramp_a(t, total):
     return 2.0 / (1.0 + math.exp(-10.0 * t / total)) - 1.0
 
 
-def parse_lam(text):
-    """'5' -> (5.0, False); '20a' -> (20.0, True) meaning 20 * a(t)."""
-    s = str(text).strip()
-    scheduled = s.endswith("a")
-    try:
-        c = float(s[:-1] if scheduled else s)
-    except ValueError:
-        raise ValueError(f"lambda must be a number like 5 or a number followed by 'a' like 20a, got {text!r}")
-    if not math.isfinite(c) or c < 0:
-        raise ValueError(f"lambda must be a finite non-negative number, got {text!r}")
-    return c, scheduled
+@dataclass(frozen=True)
+class Lambda:
+    """lambda(t) of TRAIN, parsed once from --lam: '5' is the constant 5, '20a' is 20 * a(t).
+    `text` keeps what was typed (run names and config.json show it); equality ignores it."""
+    c: float
+    ramped: bool
+    text: str = field(compare=False)
 
+    @classmethod
+    def parse(cls, text):
+        if isinstance(text, Lambda):
+            return text
+        s = str(text).strip()
+        ramped = s.endswith("a")
+        try:
+            c = float(s[:-1] if ramped else s)
+        except ValueError:
+            raise ValueError(f"lambda must be a number like 5 or a number followed by 'a' like 20a, got {text!r}")
+        if not math.isfinite(c) or c < 0:
+            raise ValueError(f"lambda must be a finite non-negative number, got {text!r}")
+        return cls(c, ramped, s)
 
-def lam_at(cfg, epoch):
-    """(a(t), lambda(t)) for epoch t (1-based)."""
-    c, scheduled = parse_lam(cfg.lam)
-    a = ramp_a(epoch, cfg.epochs) if scheduled else 1.0
-    return a, c * a
+    def at(self, epoch, total):
+        """(a(t), lambda(t)) for epoch t (1-based) of `total`."""
+        a = ramp_a(epoch, total) if self.ramped else 1.0
+        return a, self.c * a
+
+    def __str__(self):
+        return self.text
 
 
 def relation_inputs(s, cfg):
@@ -799,7 +808,7 @@ def supcon_loss(f, labels, temp):
 def relation_mca(s, cfg):
     """MCA (Yang et al. 2021) as in Table VI: SupCon on M' features of x and x' (2N anchors, so
     every anchor has at least its other view as positive). Looks at M' alone: --tp-input and M are
-    unused (the name belongs in RELATION_WITHOUT_STD)."""
+    unused (its Relation record says needs_std=False)."""
     f = torch.cat([s.nat_out()[0], s.adv_out()[0]])
     return supcon_loss(f, torch.cat([s.y, s.y]), cfg.mca_temp)
 
@@ -810,16 +819,24 @@ def relation_tp(s, cfg):
     return topology_loss(f_std, f_adv, reduction=cfg.tp_reduction, impl=cfg.tp_impl)
 
 
-# relation-preserving losses used by --train (--relation): (StepState, cfg) -> 0-dim tensor
-RELATION_LOSSES = {"tp": relation_tp, "rkd": relation_rkd, "crd": relation_crd, "mca": relation_mca}
-RELATION_WITHOUT_STD = {"mca"}  # relation losses that look at M' alone
-RELATION_HEADS = {"crd": CRDHeads}  # relation losses with trainable heads: name -> nn.Module(dim_std, dim_adv)
+@dataclass
+class Relation:
+    """A relation-preserving loss usable by --train (--relation): loss(StepState, cfg) -> 0-dim tensor;
+    needs_std: it compares with M (False: it looks at M' alone); heads: a class nn.Module(dim_std,
+    dim_adv) of trainable heads it needs, or None."""
+    loss: object
+    needs_std: bool = True
+    heads: object = None
+
+
+RELATION_LOSSES = {"tp": Relation(relation_tp), "rkd": Relation(relation_rkd), "crd": Relation(relation_crd, heads=CRDHeads),
+                   "mca": Relation(relation_mca, needs_std=False)}
 
 
 def plugin_train(s, cfg, epoch):
     """TRAIN: lambda(t) * L_TP(f.detach(), f'), f' from M'(x') (--tp-input adv) or M'(x) (nat);
     --relation swaps L_TP for another relation loss (Table VI). The term is named after it."""
-    return {cfg.relation: lam_at(cfg, epoch)[1] * RELATION_LOSSES[cfg.relation](s, cfg)}
+    return {cfg.relation: cfg.lam.at(epoch, cfg.epochs)[1] * RELATION_LOSSES[cfg.relation].loss(s, cfg)}
 
 
 # -------------------------------------------------------------------------------------
@@ -871,6 +888,31 @@ def awp_gamma(cfg):
     return 0.005 if cfg.method == "trades" else 0.01
 
 
+class AWP:
+    """--awp: the plug-in that perturbs M''s weights around its update. It owns its scratch copy of M'
+    (proxy) and the proxy's optimiser (plain SGD lr 0.01, as AWP's code); neither is checkpointed:
+    the proxy is reloaded from M' at every step."""
+
+    def __init__(self, proxy, cfg):
+        self.proxy, self.gamma, self.warmup = proxy, awp_gamma(cfg), cfg.awp_warmup
+        self.opt = torch.optim.SGD(proxy.parameters(), lr=0.01)
+        self.diff = None
+
+    def perturb(self, model, method, x, y, x_adv, cfg, epoch):
+        """After crafting x': ascend the base loss in weight space and move M' there (from the warm-up on)."""
+        if epoch <= self.warmup:
+            return
+        base_loss = lambda m: sum(method.loss(StepState(m, x, y, x_adv), cfg).values())
+        self.diff = awp_diff(model, self.proxy, self.opt, base_loss)
+        add_into_weights(model, self.diff, self.gamma)
+
+    def restore(self, model):
+        """After the optimiser step: remove exactly the perturbation added (AWP's code does the same)."""
+        if self.diff is not None:
+            add_into_weights(model, self.diff, -self.gamma)
+            self.diff = None
+
+
 def plugin_lbgat(s, cfg, epoch):
     """LBGAT guidance gamma * MSE(M'(x') logits, M(x) logits); updates both models, as in LBGAT."""
     return {"lbgat_mse": cfg.gamma * F.mse_loss(s.adv_out()[1], s.std_out()[1])}
@@ -885,12 +927,48 @@ def active_plugins(cfg):
 
 def needs_std_model(cfg):
     """The standard model M exists only when a term uses it (plain AT/TRADES train M' alone)."""
-    return cfg.lbgat or (cfg.train and cfg.relation not in RELATION_WITHOUT_STD)
+    return cfg.lbgat or (cfg.train and RELATION_LOSSES[cfg.relation].needs_std)
 
 
 # =====================================================================================
 # 5. training
 # =====================================================================================
+@dataclass
+class Models:
+    """The networks of one run. adv = M'; std = M (when a term uses it); heads = a relation loss's
+    trainable heads; awp = the AWP plug-in (its proxy copy of M' is never saved). std_frozen: M is a
+    fixed pre-trained model (TRAIN* of Table X): no optimiser, eval mode, no gradient."""
+    adv: nn.Module
+    std: nn.Module = None
+    heads: nn.Module = None
+    awp: AWP = None
+    std_frozen: bool = False
+
+    def saved(self):
+        """{name: module} of what a checkpoint holds (names as in checkpoints since the first release)."""
+        return {k: m for k, m in (("adv", self.adv), ("std", self.std), ("heads", self.heads)) if m is not None}
+
+    def trained(self):
+        """{name: module} of what the optimisers update."""
+        return {k: m for k, m in self.saved().items() if not (k == "std" and self.std_frozen)}
+
+    def set_train_mode(self):
+        for k, m in self.saved().items():
+            m.train(k in self.trained())  # a frozen M stays in eval mode
+
+
+def build_models(cfg, num_classes, device):
+    adv = build_model(cfg.arch, num_classes).to(device)
+    std = build_model(cfg.std_arch, num_classes).to(device) if needs_std_model(cfg) else None
+    heads = None
+    relation = RELATION_LOSSES[cfg.relation]
+    if cfg.train and relation.heads is not None:
+        dim_std = (std or adv).feature_dim
+        heads = relation.heads(dim_std, adv.feature_dim).to(device)
+    awp = AWP(build_model(cfg.arch, num_classes).to(device), cfg) if cfg.awp else None
+    return Models(adv, std, heads, awp, std_frozen=std is not None and cfg.freeze_std)
+
+
 def lr_at(cfg, epoch):
     """Step schedule: lr x0.1 from each milestone epoch on (1-based, as in TRADES/LBGAT)."""
     return cfg.lr * 0.1 ** sum(epoch >= m for m in cfg.milestones)
@@ -900,75 +978,50 @@ def make_optimizer(model, cfg):
     return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.wd)
 
 
-def train_step(models, opts, x, y, cfg, epoch):
-    """One step of Algorithm 1: attack, forward, all loss terms, one backward, both optimisers.
+def build_optimizers(models, cfg):
+    """One SGD per trained model: {name: optimiser}, names as in Models.trained()."""
+    return {k: make_optimizer(m, cfg) for k, m in models.trained().items()}
 
-    models/opts: dicts with "adv" and (when a plug-in uses it) "std". Returns detached terms.
-    """
-    std, heads = models.get("std"), models.get("heads")
+
+def train_step(models, opts, x, y, cfg, epoch):
+    """One step of Algorithm 1: attack, forward, all loss terms, one backward, every optimiser.
+    Returns the detached terms."""
     method = BASE_METHODS[cfg.method]
-    x_adv = method.attack(models["adv"], x, y, cfg)
-    awp = None
-    if cfg.awp and epoch > cfg.awp_warmup:  # AWP: ascend the base loss in weight space first
-        def base_loss(model):
-            s_proxy = StepState(model, None, x, y)
-            s_proxy.x_adv = x_adv
-            return sum(method.loss(s_proxy, cfg).values())
-        awp = awp_diff(models["adv"], models["_awp_proxy"], opts["_awp_proxy"], base_loss)
-        add_into_weights(models["adv"], awp, awp_gamma(cfg))
-    s = StepState(models["adv"], std, x, y, std_trainable=std is not None and "std" in opts, heads=heads)
-    s.x_adv = x_adv
+    x_adv = method.attack(models.adv, x, y, cfg)
+    if models.awp is not None:
+        models.awp.perturb(models.adv, method, x, y, x_adv, cfg, epoch)
+    s = StepState(models.adv, x, y, x_adv, models.std, std_trainable=not models.std_frozen, heads=models.heads)
     terms = method.loss(s, cfg)
     for name in active_plugins(cfg):
         terms.update(PLUGINS[name](s, cfg, epoch))
-    if "std" in opts:
+    if "std" in models.trained():
         terms["ce_std"] = F.cross_entropy(s.std_out()[1], y)  # M learns from natural images only
     total = sum(terms.values())
     if not torch.isfinite(total):
         bad = [k for k, v in terms.items() if not torch.isfinite(v)]
         raise Diverged(f"non-finite loss in epoch {epoch} (terms {bad}); lower --lr or --lam")
-    for k, o in opts.items():
-        if not k.startswith("_"):
-            o.zero_grad(set_to_none=True)
+    for o in opts.values():
+        o.zero_grad(set_to_none=True)
     total.backward()
-    for k, o in opts.items():
-        if not k.startswith("_"):
-            o.step()
-    if awp is not None:  # as in AWP's code: the step is taken at the perturbed point, then undone
-        add_into_weights(models["adv"], awp, -awp_gamma(cfg))
+    for o in opts.values():
+        o.step()
+    if models.awp is not None:  # as in AWP's code: the step is taken at the perturbed point, then undone
+        models.awp.restore(models.adv)
     return {k: v.detach() for k, v in terms.items()}
-
-
-@torch.no_grad()
-def accuracy(model, x_u8, y, batch_size=500, attack=None):
-    """Accuracy of model on uint8 images (optionally under attack(model, x, y) -> x')."""
-    correct = 0
-    with eval_mode(model):
-        for i in range(0, len(x_u8), batch_size):
-            x, yb = to_float(x_u8[i:i + batch_size]), y[i:i + batch_size]
-            if attack is not None:
-                x = attack(model, x, yb)
-            correct += (model(x).argmax(1) == yb).sum().item()
-    return correct / max(len(x_u8), 1)
-
-
-def pgd_eval_attack(cfg, steps=None):
-    """PGD-20 of the evaluation: CE, step 0.003, uniform start (TRADES' evaluation)."""
-    steps = cfg.eval_steps if steps is None else steps
-    return lambda m, x, y: pgd(m, x, ce_sum(y), cfg.eps, cfg.eval_step_size, steps, "uniform")
 
 
 def epoch_eval(models, data, cfg, epoch):
     """Per-epoch monitoring on the first --eval-n test images; its randomness is forked from a
     fixed seed so it neither depends on nor disturbs the training stream."""
-    x, y = data.x_test[:cfg.eval_n], data.y_test[:cfg.eval_n]
+    x, y = to_float(data.x_test[:cfg.eval_n]), data.y_test[:cfg.eval_n]
+    attack = pgd_attack(cfg.eps, cfg.eval_step_size, cfg.eval_steps)
+    acc = lambda model, atk=None: correct_under(model, x, y, atk)[1].float().mean().item()
     with torch.random.fork_rng(devices=[x.device] if x.is_cuda else []):
         torch.manual_seed(cfg.seed + 7919 * epoch)
-        out = {"nat_acc": accuracy(models["adv"], x, y),
-               f"pgd{cfg.eval_steps}_acc": accuracy(models["adv"], x, y, attack=pgd_eval_attack(cfg))}
-        if "std" in models:
-            out["std_nat_acc"] = accuracy(models["std"], x, y)
-            out[f"std_pgd{cfg.eval_steps}_acc"] = accuracy(models["std"], x, y, attack=pgd_eval_attack(cfg))
+        out = {"nat_acc": acc(models.adv), f"pgd{cfg.eval_steps}_acc": acc(models.adv, attack)}
+        if models.std is not None:
+            out["std_nat_acc"] = acc(models.std)
+            out[f"std_pgd{cfg.eval_steps}_acc"] = acc(models.std, attack)
     return out
 
 
@@ -993,9 +1046,9 @@ def seed_everything(seed):
 
 def save_checkpoint(path, models, opts, progress, cfg):
     """Atomic: write a temp file next to the target, then os.replace."""
-    state = {"models": {k: m.state_dict() for k, m in models.items() if not k.startswith("_")},
-             "optimizers": {k: o.state_dict() for k, o in opts.items() if not k.startswith("_")},
-             "progress": progress, "rng": rng_states(), "config": vars(cfg)}
+    state = {"models": {k: m.state_dict() for k, m in models.saved().items()},
+             "optimizers": {k: o.state_dict() for k, o in opts.items()},
+             "progress": progress, "rng": rng_states(), "config": cfg.to_dict()}
     tmp = f"{path}.tmp{os.getpid()}"
     torch.save(state, tmp)
     os.replace(tmp, path)
@@ -1010,68 +1063,63 @@ def load_checkpoint(path, device):
         raise UserError(f"could not read checkpoint {path}: {type(e).__name__}: {e}")
 
 
-def build_models(cfg, num_classes, device):
-    """adv = M'; std = M (when used); heads = a relation loss's trainable heads; _awp_proxy = AWP's
-    scratch copy of M' (names starting with "_" are not checkpointed)."""
-    models = {"adv": build_model(cfg.arch, num_classes).to(device)}
-    if needs_std_model(cfg):
-        models["std"] = build_model(cfg.std_arch, num_classes).to(device)
-    if cfg.train and cfg.relation in RELATION_HEADS:
-        dim_std = models["std"].feature_dim if "std" in models else models["adv"].feature_dim
-        models["heads"] = RELATION_HEADS[cfg.relation](dim_std, models["adv"].feature_dim).to(device)
-    if cfg.awp:
-        models["_awp_proxy"] = build_model(cfg.arch, num_classes).to(device)
-    return models
-
-
-def build_optimizers(models, cfg):
-    """One SGD per trained model; a frozen M gets none. AWP's proxy: plain SGD lr 0.01 (AWP's code)."""
-    opts = {k: make_optimizer(m, cfg) for k, m in models.items()
-            if not k.startswith("_") and not (k == "std" and cfg.freeze_std)}
-    if "_awp_proxy" in models:
-        opts["_awp_proxy"] = torch.optim.SGD(models["_awp_proxy"].parameters(), lr=0.01)
-    return opts
-
-
 def load_std_checkpoint(models, cfg, device):
     """--std-ckpt: M from a finished run; a `--method standard` run's trained model is its "adv" slot."""
-    if "std" not in models:
+    if models.std is None:
         raise UserError("--std-ckpt needs a standard model: add --train or --lbgat")
     ck = load_checkpoint(cfg.std_ckpt, device)
     key = "adv" if ck["config"].get("method") == "standard" else "std"
     if key not in ck["models"]:
         raise UserError(f"--std-ckpt {cfg.std_ckpt} holds no standard model")
     try:
-        load_model_state(models["std"], ck["models"][key])
+        load_model_state(models.std, ck["models"][key])
     except RuntimeError as e:
         raise UserError(f"--std-ckpt {cfg.std_ckpt} does not fit --std-arch {cfg.std_arch}: {str(e).splitlines()[0]}")
 
 
+class Interrupted(Exception):
+    """Ctrl-C (SIGINT) or SIGTERM stopped a run after saving last.pt; `code` is the shell's exit code."""
+
+    def __init__(self, message, code):
+        super().__init__(message)
+        self.code = code
+
+
 class StopFlag:
-    """Ctrl-C sets the flag; the loop saves a checkpoint at the next step boundary and stops.
-    A second Ctrl-C interrupts at once."""
+    """Ctrl-C or SIGTERM (what cluster schedulers send before killing a job) sets the flag; the loop
+    saves a checkpoint at the next step boundary and stops. A second Ctrl-C interrupts at once."""
     requested = False
+    signal_number = signal.SIGINT
 
     def __enter__(self):
         StopFlag.requested = False
-        self.old = signal.getsignal(signal.SIGINT)
-        if self.old is not None:
-            signal.signal(signal.SIGINT, self._handler)
+        self.old = {}
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            old = signal.getsignal(sig)
+            if old is not None:  # None: installed outside Python; leave it alone
+                self.old[sig] = old
+                signal.signal(sig, self._handler)
         return self
 
-    def _handler(self, *_):
-        if StopFlag.requested:
+    def _handler(self, signum, _frame):
+        if StopFlag.requested and signum == signal.SIGINT:
             raise KeyboardInterrupt
-        StopFlag.requested = True
-        tqdm.write("Ctrl-C: saving a checkpoint at the end of this step (Ctrl-C again to abort)")
+        StopFlag.requested, StopFlag.signal_number = True, signum
+        tqdm.write(f"{signal.Signals(signum).name}: saving a checkpoint at the end of this step"
+                   + (" (Ctrl-C again to abort)" if signum == signal.SIGINT else ""))
 
     def __exit__(self, *exc):
-        if self.old is not None:
-            signal.signal(signal.SIGINT, self.old)
+        for sig, old in self.old.items():
+            signal.signal(sig, old)
+
+    @staticmethod
+    def exit_code():
+        return 128 + int(StopFlag.signal_number)
 
 
 def train(cfg, run_dir, data, resume=False, log=print):
-    """The epoch loop: train, monitor, checkpoint (last.pt every epoch, best.pt by PGD accuracy)."""
+    """The epoch loop: train, monitor, checkpoint (last.pt every epoch, best.pt by PGD accuracy).
+    Returns the models; raises Interrupted after saving last.pt when a signal asked it to stop."""
     device = torch.device(cfg.device)
     seed_everything(cfg.seed)
     models = build_models(cfg, data.num_classes, device)
@@ -1082,12 +1130,10 @@ def train(cfg, run_dir, data, resume=False, log=print):
     last, best = os.path.join(run_dir, "last.pt"), os.path.join(run_dir, "best.pt")
     if resume:
         ck = load_checkpoint(last, device)
-        for k, m in models.items():
-            if not k.startswith("_"):
-                load_model_state(m, ck["models"][k])
+        for k, m in models.saved().items():
+            load_model_state(m, ck["models"][k])
         for k, o in opts.items():
-            if not k.startswith("_"):
-                o.load_state_dict(ck["optimizers"][k])
+            o.load_state_dict(ck["optimizers"][k])
         progress = ck["progress"]
         set_rng_states(ck["rng"])
         log(f"resumed from {last}: epoch {progress['epoch']} done, {progress['step']} steps into the next")
@@ -1095,8 +1141,8 @@ def train(cfg, run_dir, data, resume=False, log=print):
     if n_batches == 0:
         raise UserError(f"the training set ({len(data.x_train)} images) is smaller than one batch ({cfg.batch_size})")
     log(f"{cfg.method}{''.join(' +' + p for p in active_plugins(cfg))}: M'={cfg.arch}"
-        + (f", M={cfg.std_arch}" if "std" in models else "") + f", {len(data.x_train)} train / {len(data.x_test)} test "
-        f"images, {data.num_classes} classes, eps {cfg.eps:.4f}, device {device}")
+        + (f", M={cfg.std_arch}" if models.std is not None else "") + f", {len(data.x_train)} train / "
+        f"{len(data.x_test)} test images, {data.num_classes} classes, eps {cfg.eps:.4f}, device {device}")
     with StopFlag():
         for epoch in tqdm(range(progress["epoch"] + 1, cfg.epochs + 1), desc="epochs", initial=progress["epoch"],
                           total=cfg.epochs, disable=None):
@@ -1105,8 +1151,7 @@ def train(cfg, run_dir, data, resume=False, log=print):
             for o in opts.values():
                 for g in o.param_groups:
                     g["lr"] = lr
-            for k, m in models.items():
-                m.train(not (k == "std" and cfg.freeze_std))  # a frozen M stays in eval mode
+            models.set_train_mode()
             perm, offsets, flips = epoch_plan(len(data.x_train), cfg.seed, epoch)
             sums = {k: v for k, v in progress["sums"].items() if k != "_seconds"}
             bar = tqdm(range(progress["step"], n_batches), desc=f"epoch {epoch}", leave=False, disable=None)
@@ -1125,9 +1170,9 @@ def train(cfg, run_dir, data, resume=False, log=print):
                 if StopFlag.requested and b + 1 < n_batches:
                     sums["_seconds"] = time.time() - t0
                     save_checkpoint(last, models, opts, {**progress, "epoch": epoch - 1, "step": b + 1, "sums": sums}, cfg)
-                    log(f"interrupted: saved {last} (epoch {epoch}, step {b + 1}/{n_batches}); continue with --resume")
-                    return None
-            a, lam = lam_at(cfg, epoch)
+                    raise Interrupted(f"interrupted: saved {last} (epoch {epoch}, step {b + 1}/{n_batches}); "
+                                      "continue with --resume", StopFlag.exit_code())
+            a, lam = cfg.lam.at(epoch, cfg.epochs)
             row = {"epoch": epoch, "lr": lr, "a": a, "lambda": lam if cfg.train else 0.0}
             row.update({f"loss/{k}": v / n_batches for k, v in sums.items()})
             row["loss/total"] = sum(v for k, v in row.items() if k.startswith("loss/"))
@@ -1142,9 +1187,9 @@ def train(cfg, run_dir, data, resume=False, log=print):
             if is_best:
                 save_checkpoint(best, models, opts, progress, cfg)
             log(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
-            if StopFlag.requested:
-                log(f"interrupted after epoch {epoch}: {last} saved; continue with --resume")
-                return None
+            if StopFlag.requested and epoch < cfg.epochs:
+                raise Interrupted(f"interrupted after epoch {epoch}: {last} saved; continue with --resume",
+                                  StopFlag.exit_code())
     return models
 
 
@@ -1176,6 +1221,14 @@ def attack_all(model, x, y, attack, batch_size=500, desc="attack"):
     for i in tqdm(range(0, len(x), batch_size), desc=desc, leave=False, disable=None):
         out[i:i + batch_size] = attack(model, x[i:i + batch_size], y[i:i + batch_size])
     return out
+
+
+def correct_under(model, x, y, attack=None, batch_size=500, desc="attack"):
+    """The one accuracy path of monitoring and evaluation: x' = attack(model, x, y) in batches (x itself
+    when attack is None), model in eval mode -> (x', per-example correctness of model(x'))."""
+    with eval_mode(model):
+        x_used = x if attack is None else attack_all(model, x, y, attack, batch_size, desc)
+        return x_used, predict(model, x_used, batch_size) == y
 
 
 def check_adversarial(x_adv, x, eps, name):
@@ -1300,8 +1353,8 @@ def test_topology_loss(models, x_nat, x_adv, cfg, batch_size=128):
         if len(xs) < 2:
             break
         xa = (x_adv if cfg.tp_input == "adv" else x_nat)[i:i + batch_size]
-        f_std = models["std"](xs, return_features=True)[0]
-        f_adv = models["adv"](xa, return_features=True)[0]
+        f_std = models.std(xs, return_features=True)[0]
+        f_adv = models.adv(xa, return_features=True)[0]
         values.append(topology_loss(f_std, f_adv, reduction=cfg.tp_reduction, impl=cfg.tp_impl).item())
     return float(np.mean(values))
 
@@ -1342,36 +1395,35 @@ def tsne_plot(model, data, x_adv, path, title, seed=1, n=512, max_classes=10, ad
     return path
 
 
-def evaluate(ckpt_path, opts, log=print):
-    """Every metric of the paper's tables for one checkpoint; writes eval.json and results.md next to it.
+def evaluate(ckpt_path, ecfg, out_dir=None, log=print):
+    """Every metric of the paper's tables for one checkpoint -> a dict (eval.json's content).
 
-    opts: the parsed CLI (eps, eval_steps, eval_step_size, cw_kappa, aa_n, knn_k, knn_train_n,
-    metrics, eval_model, tsne, device, seed)."""
-    device = torch.device(opts.device)
+    ecfg: an EvalConfig. out_dir: where the AutoAttack log and the t-SNE picture go (None: no files);
+    write_eval() stores the results. Raises UserError, SanityError."""
+    device = torch.device(ecfg.device)
     ck = load_checkpoint(ckpt_path, device)
-    run_cfg = saved_config(ck["config"])
-    for k in ("data_file", "data_dir"):  # data may have moved since training
-        if getattr(opts, f"_{k}_given", False):
-            setattr(run_cfg, k, getattr(opts, k))
+    run_cfg = Config.from_saved(ck["config"])
+    for k in ("data_file", "data_dir", "test_n"):  # data may have moved since training; --test-n subsets
+        if getattr(ecfg, k) is not None:
+            setattr(run_cfg, k, getattr(ecfg, k))
     data = load_data(run_cfg, device)
     models = build_models(run_cfg, data.num_classes, device)
-    for k, m in models.items():
-        if not k.startswith("_"):
-            load_model_state(m, ck["models"][k])
+    for k, m in models.saved().items():
+        load_model_state(m, ck["models"][k])
         m.eval()
-    if opts.eval_model not in models:
-        raise UserError(f"--eval-model {opts.eval_model}: this checkpoint holds no such model ({', '.join(models)})")
-    model = models[opts.eval_model]
-    metrics = set(opts.metrics)
-    run_dir = os.path.dirname(os.path.abspath(ckpt_path))
-    seed_everything(opts.seed)
-    eps = opts.eps
+    if ecfg.eval_model == "std" and models.std is None:
+        raise UserError(f"--eval-model std: this checkpoint holds no standard model ({', '.join(models.saved())})")
+    model = models.adv if ecfg.eval_model == "adv" else models.std
+    metrics = set(ecfg.metrics)
+    seed_everything(ecfg.seed)
+    eps = run_cfg.eps if ecfg.eps is None else ecfg.eps
     x, y = to_float(data.x_test), data.y_test
-    bs = opts.eval_batch_size
-    res = {"checkpoint": os.path.abspath(ckpt_path), "run": os.path.basename(run_dir), "model": opts.eval_model,
-           "arch": run_cfg.arch if opts.eval_model == "adv" else run_cfg.std_arch, "epoch": ck["progress"]["epoch"],
-           "eps": eps, "eps_255": eps * 255, "n_test": len(x), "pgd_steps": opts.eval_steps,
-           "pgd_step_size": opts.eval_step_size, "cw_kappa": opts.cw_kappa, "warnings": [], "sanity": {}}
+    bs = ecfg.eval_batch_size
+    res = {"checkpoint": os.path.abspath(ckpt_path), "run": os.path.basename(os.path.dirname(os.path.abspath(ckpt_path))),
+           "model": ecfg.eval_model, "arch": run_cfg.arch if ecfg.eval_model == "adv" else run_cfg.std_arch,
+           "epoch": ck["progress"]["epoch"], "eps": eps, "eps_255": eps * 255, "n_test": len(x),
+           "pgd_steps": ecfg.eval_steps, "pgd_step_size": ecfg.eval_step_size, "cw_kappa": ecfg.cw_kappa,
+           "warnings": [], "sanity": {}}
     log(f"evaluating {ckpt_path} ({res['arch']}, epoch {res['epoch']}) on {len(x)} test images, "
         f"eps {eps:.4f} ({eps * 255:.2f}/255)")
 
@@ -1379,28 +1431,27 @@ def evaluate(ckpt_path, opts, log=print):
         res["warnings"].append(msg)
         log(f"WARNING: {msg}")
 
-    correct = {"natural": predict(model, x, bs) == y}
+    correct = {"natural": correct_under(model, x, y, None, bs)[1]}
     res["natural"] = correct["natural"].float().mean().item()
-    if opts.eval_model == "adv" and "std" in models:  # M's natural accuracy, next to M''s
-        res["std_natural"] = (predict(models["std"], x, bs) == y).float().mean().item()
-    pgd20 = pgd_attack(eps, opts.eval_step_size, opts.eval_steps)
+    if ecfg.eval_model == "adv" and models.std is not None:  # M's natural accuracy, next to M''s
+        res["std_natural"] = correct_under(models.std, x, y, None, bs)[1].float().mean().item()
+    pgd20 = pgd_attack(eps, ecfg.eval_step_size, ecfg.eval_steps)
     x_pgd = None
-    if metrics & {"pgd", "knn", "tp"} or opts.tsne:
-        x_pgd = attack_all(model, x, y, pgd20, bs, desc=f"PGD-{opts.eval_steps}")
-        check_adversarial(x_pgd, x, eps, f"PGD-{opts.eval_steps}")
-        correct["pgd"] = predict(model, x_pgd, bs) == y
+    if metrics & {"pgd", "knn", "tp"} or ecfg.tsne:
+        x_pgd, correct["pgd"] = correct_under(model, x, y, pgd20, bs, desc=f"PGD-{ecfg.eval_steps}")
+        check_adversarial(x_pgd, x, eps, f"PGD-{ecfg.eval_steps}")
         res["pgd"] = correct["pgd"].float().mean().item()
     if "cw" in metrics:
-        x_cw = attack_all(model, x, y, pgd_attack(eps, opts.eval_step_size, opts.eval_steps, "cw", opts.cw_kappa),
-                          bs, desc=f"CW-{opts.eval_steps}")
-        check_adversarial(x_cw, x, eps, f"CW-{opts.eval_steps}")
-        correct["cw"] = predict(model, x_cw, bs) == y
+        x_cw, correct["cw"] = correct_under(model, x, y, pgd_attack(eps, ecfg.eval_step_size, ecfg.eval_steps, "cw",
+                                                                    ecfg.cw_kappa), bs, desc=f"CW-{ecfg.eval_steps}")
+        check_adversarial(x_cw, x, eps, f"CW-{ecfg.eval_steps}")
         res["cw"] = correct["cw"].float().mean().item()
         del x_cw
     if "aa" in metrics:
-        n = min(opts.aa_n, len(x)) or len(x)
-        robust, after, _ = run_autoattack(model, x[:n], y[:n], eps, opts.seed, os.path.join(run_dir, "autoattack.log"),
-                                          opts.aa_attacks or None, bs, str(device))
+        n = min(ecfg.aa_n, len(x)) or len(x)
+        log_path = os.path.join(out_dir, "autoattack.log") if out_dir else None
+        robust, after, _ = run_autoattack(model, x[:n], y[:n], eps, ecfg.seed, log_path, ecfg.aa_attacks or None, bs,
+                                          str(device))
         correct["aa"] = torch.cat([robust, torch.zeros(len(x) - n, dtype=torch.bool, device=robust.device)])
         res.update(aa=robust.float().mean().item(), aa_n=n, aa_after=after)
         names = list(after)
@@ -1415,36 +1466,40 @@ def evaluate(ckpt_path, opts, log=print):
     for name, c in correct.items():
         if name != "natural" and (c[:n_all] & ~worst).any():
             res["sanity"][f"{name}_robust_but_broken_elsewhere"] = int((c[:n_all] & ~worst).sum())
-    sanity_checks(model, x, y, eps, opts, res, warn)
+    sanity_checks(model, x, y, ecfg, res, warn)
     if "knn" in metrics:
-        res["knn"] = topology_scores(model, data, x, x_pgd, pgd20, opts.knn_k, opts.knn_train_n, bs)
-    if "tp" in metrics and "std" in models:
+        res["knn"] = topology_scores(model, data, x, x_pgd, pgd20, ecfg.knn_k, ecfg.knn_train_n, bs)
+    if "tp" in metrics and models.std is not None:
         res["test_ltp"] = test_topology_loss(models, x, x_pgd, run_cfg)
-    if opts.tsne:
-        title = (f"{res['arch']} ({opts.eval_model}) natural {res['natural']:.2%}, "
-                 f"PGD-{opts.eval_steps} {res['pgd']:.2%}")
-        res["tsne"] = tsne_plot(model, data, x_pgd, os.path.join(run_dir, f"tsne_{opts.eval_model}.png"), title, opts.seed,
-                                adv_label=f"PGD-{opts.eval_steps}")
+    if ecfg.tsne and out_dir:
+        title = (f"{res['arch']} ({ecfg.eval_model}) natural {res['natural']:.2%}, "
+                 f"PGD-{ecfg.eval_steps} {res['pgd']:.2%}")
+        res["tsne"] = tsne_plot(model, data, x_pgd, os.path.join(out_dir, f"tsne_{ecfg.eval_model}.png"), title,
+                                ecfg.seed, adv_label=f"PGD-{ecfg.eval_steps}")
+    return res
+
+
+def write_eval(res, run_dir, log=print):
+    """eval.json and a results.md row next to the checkpoint."""
     with open(os.path.join(run_dir, "eval.json"), "w") as fh:
         json.dump(res, fh, indent=2)
     row = results_row(res)
     with open(os.path.join(run_dir, "results.md"), "a") as fh:
         fh.write(row + "\n")
     log(TABLE_HEADER + "\n" + row)
-    return res
 
 
-def sanity_checks(model, x, y, eps, opts, res, warn, n=500):
+def sanity_checks(model, x, y, ecfg, res, warn, n=500):
     """eps = 0 must leave accuracy at natural (else: randomness or a bug); a large eps must drive
     PGD accuracy near 0 (else: gradient masking)."""
     x, y = x[:n], y[:n]
-    nat = predict(model, x) == y
-    zero = predict(model, attack_all(model, x, y, pgd_attack(0.0, opts.eval_step_size, opts.eval_steps))) == y
+    nat = correct_under(model, x, y)[1]
+    zero = correct_under(model, x, y, pgd_attack(0.0, ecfg.eval_step_size, ecfg.eval_steps))[1]
     if not torch.equal(zero, nat):
         raise SanityError(f"PGD with eps=0 changed {int((zero != nat).sum())} predictions: the model is not deterministic "
                           "in eval mode, or the attack is broken")
-    big = attack_all(model, x, y, pgd_attack(0.5, 0.05, opts.eval_steps))
-    res["sanity"]["pgd_eps0.5_acc"] = acc = (predict(model, big) == y).float().mean().item()
+    big = correct_under(model, x, y, pgd_attack(0.5, 0.05, ecfg.eval_steps))[1]
+    res["sanity"]["pgd_eps0.5_acc"] = acc = big.float().mean().item()
     res["sanity"]["eps0_equals_natural"] = True
     if acc > 0.1:
         warn(f"PGD at eps 0.5 still leaves {acc:.1%} accuracy (expected near 0): possible gradient masking")
@@ -1481,7 +1536,9 @@ def results_table(paths):
 
 
 # =====================================================================================
-# 7. run I/O and CLI
+# 7. settings, run I/O and CLI
+#    Config (a training run) and EvalConfig (--eval) are dataclasses whose fields carry their CLI help,
+#    default and kind: the one source of the parser, run names, resume checks and config.json.
 # =====================================================================================
 def parse_number(text):
     """'0.031' or '8/255' -> float."""
@@ -1496,10 +1553,9 @@ def parse_number(text):
 
 def lam_arg(text):
     try:
-        parse_lam(text)
+        return Lambda.parse(text)
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e))
-    return str(text).strip()
 
 
 def int_list(text):
@@ -1519,6 +1575,127 @@ def name_list(allowed):
     return parse
 
 
+RUN, PLACE, CLI = "run", "place", "cli"
+
+
+def setting(default, help, kind=RUN, in_name=True, **cli):
+    """A settings field: its default, its --help text, its kind and its argparse options (type, choices...).
+    kind RUN: defines what is trained (in the run name when not default, unless in_name=False; must match
+    on --resume and when a study reuses a folder). PLACE: where it runs or reads from (may change on
+    --resume). CLI: an action of the command line, never saved."""
+    meta = {"help": help, "kind": kind, "in_name": in_name, "cli": cli}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def default_device():
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@dataclass
+class Config:
+    """Every setting of a training run. One field = one flag (--name-with-dashes); exp_*.py scripts
+    change the defaults (their DEFAULTS dict), --quick and --schedule fill in presets."""
+    dataset: str = setting(None, "cifar10/cifar100 (torchvision, downloaded to --data-dir) or tinyimagenet "
+                           "(--data-dir/tiny-imagenet-200)", in_name=False, choices=sorted(TORCHVISION_SETS) + ["tinyimagenet"])
+    image_size: int = setting(0, "resize images to this size first (0 = keep; Tiny ImageNet: 32)", type=int)
+    data_dir: str = setting("./data", "where torchvision data sets / tiny-imagenet-200 live", PLACE)
+    data_file: str = setting("", "an .npz with x_train, y_train, x_test, y_test (uint8 NHWC) instead of torchvision", PLACE)
+    train_n: int = setting(0, "use the first N training images (0 = all)", type=int)
+    test_n: int = setting(0, "use the first N test images (0 = all)", type=int)
+    method: str = setting("trades", "base method (standard = natural training)", in_name=False, choices=sorted(BASE_METHODS))
+    train: bool = setting(False, "add TRAIN's topology-preserving loss lambda * L_TP")
+    lbgat: bool = setting(False, "add LBGAT's logit guidance gamma * MSE(M'(x'), M(x))")
+    lam: Lambda = setting(Lambda.parse("5"), "lambda: a number (5) or <c>a (20a) = c * a(t), a(t) = 2/(1+exp(-10t/T)) - 1",
+                          type=lam_arg)
+    relation: str = setting("tp", "relation loss used by --train (tp = L_TP)", choices=sorted(RELATION_LOSSES))
+    tp_input: str = setting("adv", "features of M' in L_TP: M'(x') (adv, the paper) or M'(x) (nat)", choices=["adv", "nat"])
+    tp_reduction: str = setting("sum", "L_TP reduction (sum = Eq. 14; mean divides by the batch size)",
+                                choices=["sum", "mean"])
+    tp_impl: str = setting("auto", "L_TP implementation: torch reference, triton kernel, or auto",
+                           choices=["auto", "torch", "triton"])
+    crd_temp: float = setting(0.1, "temperature of --relation crd", type=float)
+    mca_temp: float = setting(0.1, "temperature of --relation mca", type=float)
+    std_ckpt: str = setting("", "load M from a finished run's checkpoint (e.g. a --method standard run)")
+    freeze_std: bool = setting(False, "keep M fixed (TRAIN* of Table X): no optimiser, eval mode")
+    awp: bool = setting(False, "add adversarial weight perturbation (Wu et al. 2020) to M'")
+    awp_gamma: float = setting(None, "AWP size (unset: 0.005 for trades, 0.01 otherwise)", type=float)
+    awp_warmup: int = setting(0, "AWP starts after this many epochs", type=int)
+    beta: float = setting(6.0, "TRADES / MART beta", type=float)
+    gamma: float = setting(1.0, "LBGAT guidance weight", type=float)
+    alp_weight: float = setting(0.5, "ALP logit-pairing weight", type=float)
+    arch: str = setting("wrn34_10", "adversarial model M'", choices=sorted(MODELS))
+    std_arch: str = setting("resnet18", "standard model M", choices=sorted(MODELS))
+    eps: float = setting(0.031, "L-inf radius (0.031 or 8/255); with --eval: unset = the run's own", type=parse_number)
+    step_size: float = setting(0.007, "training attack step", type=parse_number)
+    steps: int = setting(10, "training attack steps", type=int)
+    eval_steps: int = setting(20, "PGD steps of the per-epoch monitoring and of --eval", type=int)
+    eval_step_size: float = setting(0.003, "PGD step of the monitoring and of --eval", type=parse_number)
+    eval_n: int = setting(1000, "test images monitored each epoch", type=int)
+    schedule: str = setting("paper", "paper: 100 epochs, lr x0.1 at 75, 90, wd 2e-4; las: 110 epochs, 100, 105, wd 5e-4",
+                            choices=sorted(["paper", "las"]))
+    epochs: int = setting(None, "training epochs (unset: from --schedule)", type=int)
+    milestones: list = setting(None, "epochs where lr x0.1, e.g. 75,90 (unset: from --schedule)", type=int_list)
+    lr: float = setting(0.1, "SGD learning rate", type=float)
+    momentum: float = setting(0.9, "SGD momentum", type=float)
+    wd: float = setting(None, "weight decay (unset: from --schedule)", type=float)
+    batch_size: int = setting(128, "training batch size", type=int)
+    seed: int = setting(1, "seed of python, numpy and torch (runs repeat exactly on one machine)", type=int)
+    device: str = setting(default_device(), "training device", PLACE)
+    quick: bool = setting(False, "minutes-long CPU smoke run: cnn_small, subsets, few epochs and steps", in_name=False)
+
+    def to_dict(self):
+        """JSON-ready: what config.json and checkpoints store."""
+        return {f.name: str(v) if isinstance(v, Lambda) else v for f in fields(self) for v in [getattr(self, f.name)]}
+
+    @classmethod
+    def from_saved(cls, saved):
+        """A run's saved settings over today's defaults: settings added since then take their default,
+        keys that are no settings any more (old runs saved CLI actions too) are ignored."""
+        known = {f.name for f in fields(cls)}
+        cfg = cls(**{k: v for k, v in saved.items() if k in known})
+        cfg.lam = Lambda.parse(cfg.lam)
+        return cfg
+
+    def run_settings(self):
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.metadata["kind"] == RUN}
+
+
+@dataclass
+class EvalConfig:
+    """Settings of --eval CKPT. Unset (None) eps / data / test_n: those the run was trained with."""
+    eps: float = setting(None, "", type=parse_number)
+    eval_steps: int = setting(20, "", type=int)
+    eval_step_size: float = setting(0.003, "", type=parse_number)
+    eval_model: str = setting("adv", "evaluate M' (adv) or the standard model M (std)", choices=["adv", "std"])
+    metrics: list = setting(list(EVAL_METRICS), "subset of " + ",".join(EVAL_METRICS), type=name_list(EVAL_METRICS))
+    cw_kappa: float = setting(50.0, "CW margin kappa", type=float)
+    aa_n: int = setting(0, "AutoAttack on the first n test images (0 = all)", type=int)
+    aa_attacks: list = setting([], "custom AutoAttack list instead of the standard version",
+                               type=name_list(("apgd-ce", "apgd-t", "fab-t", "square", "apgd-dlr", "fab")))
+    knn_k: list = setting([30], "k of the kNN topology score, e.g. 5,10,20,30,40,50", type=int_list)
+    knn_train_n: int = setting(0, "kNN support: the first n training images (0 = all), natural + PGD-20", type=int)
+    tsne: bool = setting(False, "also save a t-SNE picture of natural and PGD-20 features")
+    eval_batch_size: int = setting(500, "batch size of the evaluation attacks", type=int)
+    seed: int = setting(1, "", type=int)
+    device: str = setting(default_device(), "", PLACE)
+    data_file: str = setting(None, "", PLACE)
+    data_dir: str = setting(None, "", PLACE)
+    test_n: int = setting(None, "", type=int)
+
+
+@dataclass
+class Actions:
+    """What the command line asks for, beyond the settings; never saved."""
+    eval: str = setting("", "evaluate a checkpoint: natural, PGD-20, CW-20, AutoAttack, kNN, test L_TP", CLI, metavar="CKPT")
+    table: list = setting(None, "print one markdown table of evaluated runs", CLI, nargs="+", metavar="RUN")
+    out: str = setting("", "run folder (default: <runs-dir>/<name from the non-default flags>)", CLI)
+    runs_dir: str = setting("runs", "where run folders are made", CLI)
+    resume: bool = setting(False, "continue the run in its folder from last.pt", CLI)
+    overwrite: bool = setting(False, "replace an existing run folder's files", CLI)
+
+
 class Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, exit 2
         sys.stderr.write(f"{self.prog}: error: {message}\n")
@@ -1530,129 +1707,101 @@ QUICK = {"arch": "cnn_small", "std_arch": "cnn_small", "epochs": 5, "milestones"
          "test_n": 1000, "eval_n": 1000, "steps": 3, "eval_steps": 5, "batch_size": 128}
 SCHEDULES = {"paper": {"epochs": 100, "milestones": [75, 90], "wd": 2e-4},
              "las": {"epochs": 110, "milestones": [100, 105], "wd": 5e-4}}
-# Flags that do not change what is trained: left out of the run name.
-NOT_IN_NAME = {"out", "runs_dir", "resume", "overwrite", "device", "data_dir", "data_file", "dataset", "quick", "method",
-               "_data_file_given", "_data_dir_given", "eval", "table", "eval_model", "metrics", "cw_kappa", "aa_n",
-               "aa_attacks", "knn_k", "knn_train_n", "tsne", "eval_batch_size"}
+GROUPS = ((Config, "run settings"), (EvalConfig, "evaluation (--eval CKPT; unset: the run's own eps and data)"),
+          (Actions, "run folder, tables"))
+
+
+def shown(v):
+    if isinstance(v, bool) or v is None:
+        return "off" if v is False else "unset" if v is None else "on"
+    return ",".join(map(str, v)) if isinstance(v, list) else str(v) if v != "" else "''"
 
 
 def build_parser(defaults):
+    """Every flag from the dataclasses' fields; a flag not given stays out of the namespace, so
+    main() knows exactly what the user said. --help shows each default (the script's, if it sets one)."""
     p = Parser(description="TRAIN: topology-preserving adversarial training (see README.md)")
-    a = p.add_argument
-    a("--dataset", choices=sorted(TORCHVISION_SETS) + ["tinyimagenet"],
-      help="cifar10/cifar100 (torchvision, downloaded to --data-dir) or tinyimagenet (--data-dir/tiny-imagenet-200)")
-    a("--image-size", type=int, default=0, help="resize images to this size first (0 = keep; Tiny ImageNet: 32)")
-    a("--data-dir", default="./data")
-    a("--data-file", default="", help="an .npz with x_train, y_train, x_test, y_test (uint8 NHWC) instead of torchvision")
-    a("--train-n", type=int, default=0, help="use the first N training images (0 = all)")
-    a("--test-n", type=int, default=0, help="use the first N test images (0 = all)")
-    a("--method", choices=sorted(BASE_METHODS), default="trades", help="base method (standard = natural training)")
-    a("--train", action="store_true", help="add TRAIN's topology-preserving loss lambda * L_TP")
-    a("--lbgat", action="store_true", help="add LBGAT's logit guidance gamma * MSE(M'(x'), M(x))")
-    a("--lam", type=lam_arg, default="5", help="lambda: a number (5) or <c>a (20a) = c * a(t)")
-    a("--relation", choices=sorted(RELATION_LOSSES), default="tp", help="relation loss used by --train")
-    a("--tp-input", choices=["adv", "nat"], default="adv", help="features of M' in L_TP: M'(x') or M'(x)")
-    a("--tp-reduction", choices=["sum", "mean"], default="sum", help="L_TP reduction (sum = Eq. 14)")
-    a("--tp-impl", choices=["auto", "torch", "triton"], default="auto", help="L_TP implementation")
-    a("--crd-temp", type=float, default=0.1, help="temperature of --relation crd")
-    a("--mca-temp", type=float, default=0.1, help="temperature of --relation mca")
-    a("--std-ckpt", default="", help="load M from a finished run's checkpoint (e.g. a --method standard run)")
-    a("--freeze-std", action="store_true", help="keep M fixed (TRAIN* of Table X): no optimiser, eval mode")
-    a("--awp", action="store_true", help="add adversarial weight perturbation (Wu et al. 2020) to M'")
-    a("--awp-gamma", type=float, default=None, help="AWP size (default 0.005 for trades, 0.01 otherwise)")
-    a("--awp-warmup", type=int, default=0, help="AWP starts after this many epochs")
-    a("--beta", type=float, default=6.0, help="TRADES / MART beta")
-    a("--gamma", type=float, default=1.0, help="LBGAT guidance weight")
-    a("--alp-weight", type=float, default=0.5, help="ALP logit-pairing weight")
-    a("--arch", choices=sorted(MODELS), default="wrn34_10", help="adversarial model M'")
-    a("--std-arch", choices=sorted(MODELS), default="resnet18", help="standard model M")
-    a("--eps", type=parse_number, default=0.031, help="L-inf radius (0.031 or 8/255)")
-    a("--step-size", type=parse_number, default=0.007, help="training attack step")
-    a("--steps", type=int, default=10, help="training attack steps")
-    a("--eval-steps", type=int, default=20, help="PGD steps of the per-epoch evaluation")
-    a("--eval-step-size", type=parse_number, default=0.003, help="PGD step of the evaluation")
-    a("--eval-n", type=int, default=1000, help="test images monitored each epoch")
-    a("--schedule", choices=sorted(SCHEDULES), default="paper", help="paper: 100 ep, decay 75/90; las: 110 ep, 100/105")
-    a("--epochs", type=int, default=None)
-    a("--milestones", type=int_list, default=None, help="epochs where lr x0.1, e.g. 75,90")
-    a("--lr", type=float, default=0.1)
-    a("--momentum", type=float, default=0.9)
-    a("--wd", type=float, default=None, help="weight decay (schedule default: 2e-4 paper, 5e-4 las)")
-    a("--batch-size", type=int, default=128)
-    a("--seed", type=int, default=1)
-    a("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    a("--quick", action="store_true", help="minutes-long CPU smoke run: cnn_small, subsets, few epochs and steps")
-    e = p.add_argument_group("evaluation (--eval CKPT) and tables (--table RUN ...)").add_argument
-    e("--eval", default="", metavar="CKPT", help="evaluate a checkpoint: natural, PGD-20, CW-20, AutoAttack, kNN, test L_TP")
-    e("--table", nargs="+", default=None, metavar="RUN", help="print one markdown table of evaluated runs")
-    e("--eval-model", choices=["adv", "std"], default="adv", help="evaluate M' (adv) or the standard model M (std)")
-    e("--metrics", type=name_list(EVAL_METRICS), default=list(EVAL_METRICS), help="subset of " + ",".join(EVAL_METRICS))
-    e("--cw-kappa", type=float, default=50.0, help="CW margin kappa")
-    e("--aa-n", type=int, default=0, help="AutoAttack on the first n test images (0 = all)")
-    e("--aa-attacks", type=name_list(("apgd-ce", "apgd-t", "fab-t", "square", "apgd-dlr", "fab")), default=[],
-      help="custom AutoAttack list instead of the standard version")
-    e("--knn-k", type=int_list, default=[30], help="k of the kNN topology score, e.g. 5,10,20,30,40,50")
-    e("--knn-train-n", type=int, default=0, help="support set: the first n training images (0 = all), natural + PGD-20")
-    e("--tsne", action="store_true", help="also save a t-SNE picture of natural and PGD-20 features")
-    e("--eval-batch-size", type=int, default=500)
-    a("--out", default="", help="run folder (default runs/<name from the non-default flags>)")
-    a("--runs-dir", default="runs")
-    a("--resume", action="store_true", help="continue the run in its folder from last.pt")
-    a("--overwrite", action="store_true", help="replace an existing run folder's files")
-    p.set_defaults(**defaults)
+    seen = set()
+    for cls, title in GROUPS:
+        group = p.add_argument_group(title)
+        for f in fields(cls):
+            if f.name in seen:
+                continue
+            seen.add(f.name)
+            default = defaults.get(f.name, f.default if f.default_factory is MISSING else f.default_factory())
+            kw = dict(f.metadata["cli"])
+            if f.type is bool or f.type == "bool":
+                kw["action"] = "store_true"
+            group.add_argument("--" + f.name.replace("_", "-"), dest=f.name, default=argparse.SUPPRESS,
+                               help=f"{f.metadata['help']} (default: {shown(default)})", **kw)
     return p
 
 
-def parse_args(defaults, argv=None):
-    """Parse with the experiment's defaults; --quick and --schedule fill what the user did not set."""
-    parser = build_parser(defaults)
-    pre, _ = parser.parse_known_args(argv)
-    if pre.quick:
-        parser.set_defaults(**QUICK)
-    cfg = parser.parse_args(argv)
+def parse_flags(defaults, argv=None):
+    """argv -> {setting: value} of the flags given (the only place argv is parsed; exit 2 on bad flags)."""
+    return vars(build_parser(defaults).parse_args(argv))
+
+
+def make_config(defaults, given):
+    """Config from: field defaults < the script's DEFAULTS < --quick's preset < the flags given, then
+    --schedule fills epochs / milestones / wd where still unset."""
+    names = {f.name for f in fields(Config)}
+    values = dict(defaults)
+    if given.get("quick", defaults.get("quick")):
+        values.update(QUICK)
+    values.update({k: v for k, v in given.items() if k in names})
+    cfg = Config(**values)
     for k, v in SCHEDULES[cfg.schedule].items():
         if getattr(cfg, k) is None:
             setattr(cfg, k, v)
-    for k in ("data_file", "data_dir"):
-        setattr(cfg, f"_{k}_given", getattr(cfg, k) != parser.get_default(k))
-    validate(cfg, parser)
-    return cfg, parser
+    cfg.lam = Lambda.parse(cfg.lam)
+    return cfg
 
 
-def validate(cfg, parser):
+def validate(cfg):
+    """Settings that parse but cannot run: one line, exit 2."""
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
-        parser.error(f"--device {cfg.device} but CUDA is not available; use --device cpu")
+        raise UserError(f"--device {cfg.device} but CUDA is not available; use --device cpu")
     for k in ("epochs", "batch_size", "eval_n"):
         if getattr(cfg, k) < 1:
-            parser.error(f"--{k.replace('_', '-')} must be >= 1")
+            raise UserError(f"--{k.replace('_', '-')} must be >= 1")
     if cfg.batch_size < 2 and cfg.train:
-        parser.error("--batch-size must be >= 2 with --train (L_TP compares samples)")
+        raise UserError("--batch-size must be >= 2 with --train (L_TP compares samples)")
     for k in ("eps", "step_size", "eval_step_size"):
         if not 0 <= getattr(cfg, k) <= 1:
-            parser.error(f"--{k.replace('_', '-')} must lie in [0, 1] (inputs are in [0, 1])")
+            raise UserError(f"--{k.replace('_', '-')} must lie in [0, 1] (inputs are in [0, 1])")
     if not cfg.data_file and not cfg.dataset:
-        parser.error("give --dataset or --data-file")
+        raise UserError("give --dataset or --data-file")
     if cfg.freeze_std and not cfg.std_ckpt:
-        parser.error("--freeze-std needs --std-ckpt (a frozen random M would teach nothing)")
+        raise UserError("--freeze-std needs --std-ckpt (a frozen random M would teach nothing)")
 
 
-def run_name(cfg, defaults, prefix):
-    """<prefix>_<method>[_<flag><value>...] from the flags that differ from the script's defaults
-    (under the same --quick and --schedule, so their implied settings stay out of the name)."""
-    base, parser = parse_args(defaults, ["--quick"] * cfg.quick + ["--schedule", cfg.schedule])
-    base.schedule = parser.get_default("schedule")
-    parts = [prefix, cfg.method]
-    for k, v in sorted(vars(cfg).items()):
-        if k in NOT_IN_NAME or v == getattr(base, k):
-            continue
-        if isinstance(v, bool):
-            parts.append(k.replace("_", "-") if v else f"no-{k}")
-        else:
-            text = ",".join(map(str, v)) if isinstance(v, list) else f"{v:g}" if isinstance(v, float) else str(v)
-            parts.append(f"{k.replace('_', '-')}-{text.replace('/', '-')}")
+def name_part(name, v):
+    if isinstance(v, bool):
+        return name.replace("_", "-") if v else f"no-{name.replace('_', '-')}"
+    text = ",".join(map(str, v)) if isinstance(v, list) else f"{v:g}" if isinstance(v, float) else str(v)
+    return f"{name.replace('_', '-')}-{text.replace('/', '-')}"
+
+
+def run_name(cfg, base, prefix=""):
+    """[<prefix>_]<method>[_<flag>[-<value>]...]: the run-defining settings in which cfg differs from
+    base (sorted by name), then _quick. The one naming scheme of scripts and studies."""
+    parts = ([prefix] if prefix else []) + [cfg.method]
+    for f in sorted(fields(Config), key=lambda f: f.name):
+        v = getattr(cfg, f.name)
+        if f.metadata["kind"] == RUN and f.metadata["in_name"] and v != getattr(base, f.name):
+            parts.append(name_part(f.name, v))
     if cfg.quick:
         parts.append("quick")
     return "_".join(parts)
+
+
+def name_base(defaults, cfg):
+    """What a run is named against: the script's defaults under the same --quick and --schedule (so
+    their presets stay out of the name), with the default schedule (so a changed one is named)."""
+    base = make_config(defaults, {"quick": cfg.quick, "schedule": cfg.schedule})
+    base.schedule = make_config(defaults, {}).schedule
+    return base
 
 
 RUN_FILES = ("config.json", "metrics.jsonl", "log.txt", "last.pt", "best.pt", "eval.json", "results.md")
@@ -1678,18 +1827,16 @@ def git_commit():
         return None
 
 
-def choose_run_dir(cfg, defaults, prefix):
-    """Pick the run folder (nothing is written yet); refuse an existing run without --resume / --overwrite."""
-    run_dir = cfg.out or os.path.join(cfg.runs_dir, run_name(cfg, defaults, prefix))
-    if cfg.resume:
+def check_run_dir(run_dir, resume, overwrite):
+    """Refuse an existing run without resume / overwrite, and a resume without a checkpoint."""
+    if resume:
         if not os.path.isfile(os.path.join(run_dir, "last.pt")):
             raise UserError(f"--resume: no checkpoint {os.path.join(run_dir, 'last.pt')} to resume from")
-        return run_dir
+        return
     existing = [f for f in RUN_FILES if os.path.exists(os.path.join(run_dir, f))]
-    if existing and not cfg.overwrite:
+    if existing and not overwrite:
         raise UserError(f"run folder {run_dir} already holds a run ({', '.join(existing)}); "
                         "pass --resume to continue it, --overwrite to replace it, or --out elsewhere")
-    return run_dir
 
 
 def init_run_dir(run_dir):
@@ -1700,19 +1847,12 @@ def init_run_dir(run_dir):
             os.remove(os.path.join(run_dir, f))
 
 
-def run_dir_for(defaults, argv, prefix):
-    """The folder a run with these flags writes to (what main() would pick)."""
-    cfg, _ = parse_args(defaults, argv)
-    return cfg.out or os.path.join(cfg.runs_dir, run_name(cfg, defaults, prefix))
-
-
 def run_status(run_dir):
     """'missing', 'partial' (resume it) or 'done' (all epochs in metrics.jsonl)."""
-    cfg_path, metrics = os.path.join(run_dir, "config.json"), os.path.join(run_dir, "metrics.jsonl")
-    if not os.path.isfile(os.path.join(run_dir, "last.pt")) or not os.path.isfile(cfg_path):
+    metrics = os.path.join(run_dir, "metrics.jsonl")
+    if not os.path.isfile(os.path.join(run_dir, "last.pt")) or not os.path.isfile(os.path.join(run_dir, "config.json")):
         return "missing"
-    with open(cfg_path) as fh:
-        epochs = json.load(fh)["config"]["epochs"]
+    epochs = load_run_config(run_dir).epochs
     done = 0
     if os.path.isfile(metrics):
         with open(metrics) as fh:
@@ -1720,20 +1860,28 @@ def run_status(run_dir):
     return "done" if done >= epochs else "partial"
 
 
-def saved_config(saved):
-    """A run's saved settings over today's defaults, so checkpoints from before a flag existed load."""
-    cfg = build_parser({}).parse_args([])
-    for k, v in saved.items():
-        setattr(cfg, k, v)
+def load_run_config(run_dir):
+    """The Config a run folder was trained with (its config.json)."""
+    path = os.path.join(run_dir, "config.json")
+    try:
+        with open(path) as fh:
+            return Config.from_saved(json.load(fh)["config"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise UserError(f"could not read the run settings {path}: {type(e).__name__}: {e}")
+
+
+def resume_config(run_dir, given):
+    """On --resume the run's own settings stand; flags given may only say where it runs (PLACE) or
+    repeat the run's values: a flag that would change the run is refused."""
+    cfg = load_run_config(run_dir)
+    kinds = {f.name: f.metadata["kind"] for f in fields(Config)}
+    for k, v in given.items():
+        if kinds.get(k) == PLACE:
+            setattr(cfg, k, v)
+        elif kinds.get(k) == RUN and v != getattr(cfg, k) and k != "quick":
+            raise UserError(f"--resume: --{k.replace('_', '-')} {shown(v)} would change the run (it was trained with "
+                            f"{shown(getattr(cfg, k))}); only where it runs (--device, --data-file, --data-dir) may change")
     return cfg
-
-
-def resume_config(cfg, run_dir):
-    """On --resume the run's own config.json is authoritative (only the device may change)."""
-    with open(os.path.join(run_dir, "config.json")) as fh:
-        saved = json.load(fh)["config"]
-    saved.update(device=cfg.device, resume=True, overwrite=False)
-    return saved_config(saved)
 
 
 def make_logger(run_dir):
@@ -1746,35 +1894,61 @@ def make_logger(run_dir):
     return log
 
 
+def run(cfg, run_dir, resume=False, overwrite=False, command=""):
+    """Train one run in run_dir -> run_dir. resume: continue from last.pt there (pass the run's own
+    Config, load_run_config); overwrite: replace the run there. Nothing is written before the settings
+    and the data have been checked. Raises UserError, Diverged, Interrupted."""
+    validate(cfg)
+    check_run_dir(run_dir, resume, overwrite)
+    data = load_data(cfg, torch.device(cfg.device))  # bad data -> error before anything is written
+    if not resume:
+        init_run_dir(run_dir)
+        with open(os.path.join(run_dir, "config.json"), "w") as fh:
+            json.dump({"config": cfg.to_dict(), "versions": versions(), "git_commit": git_commit(), "command": command,
+                       "started": time.strftime("%Y-%m-%d %H:%M:%S")}, fh, indent=2)
+    log = make_logger(run_dir)
+    log(f"run folder: {run_dir}")
+    train(cfg, run_dir, data, resume=resume, log=log)
+    return run_dir
+
+
+def eval_config(given):
+    """EvalConfig from the flags given with --eval; a flag that cannot apply to a saved run is refused."""
+    names = {f.name for f in fields(EvalConfig)}
+    wrong = sorted(k for k in given if k not in names and k != "eval")
+    if wrong:
+        raise UserError(f"--eval uses the settings saved with the checkpoint: "
+                        f"{', '.join('--' + k.replace('_', '-') for k in wrong)} cannot apply")
+    return EvalConfig(**{k: v for k, v in given.items() if k in names})
+
+
 def script_prefix():
     base = os.path.basename(sys.argv[0])
     return base[4:-3] if base.startswith("exp_") and base.endswith(".py") else "run"
 
 
 def main(defaults, argv=None, prefix=None):
-    """Entry point of every experiment script."""
+    """Entry point of every experiment script: the only argv parsing and the only sys.exit."""
     prefix = prefix or script_prefix()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    script = os.path.basename(sys.argv[0]) if prefix == script_prefix() else f"exp_{prefix}.py"
     try:
-        cfg, _ = parse_args(defaults, argv)
-        if cfg.table:
-            print(results_table(cfg.table))
+        given = parse_flags(defaults, argv)
+        if given.get("table"):
+            print(results_table(given["table"]))
             return None
-        if cfg.eval:
-            evaluate(cfg.eval, cfg)
-            return os.path.dirname(cfg.eval)
-        run_dir = choose_run_dir(cfg, defaults, prefix)
-        if cfg.resume:
-            cfg = resume_config(cfg, run_dir)
-        data = load_data(cfg, torch.device(cfg.device))  # bad data -> exit 2 before anything is written
-        if not cfg.resume:
-            init_run_dir(run_dir)
-            with open(os.path.join(run_dir, "config.json"), "w") as fh:
-                json.dump({"config": vars(cfg), "versions": versions(), "git_commit": git_commit(),
-                           "command": " ".join([os.path.basename(sys.argv[0])] + list(sys.argv[1:] if argv is None else argv)),
-                           "started": time.strftime("%Y-%m-%d %H:%M:%S")}, fh, indent=2)
-        log = make_logger(run_dir)
-        log(f"run folder: {run_dir}")
-        train(cfg, run_dir, data, resume=cfg.resume, log=log)
+        if given.get("eval"):
+            out_dir = os.path.dirname(os.path.abspath(given["eval"]))
+            write_eval(evaluate(given["eval"], eval_config(given), out_dir), out_dir)
+            return out_dir
+        cfg = make_config(defaults, given)
+        run_dir = given.get("out") or os.path.join(given.get("runs_dir", "runs"), run_name(cfg, name_base(defaults, cfg), prefix))
+        if given.get("resume"):
+            check_run_dir(run_dir, True, False)
+            cfg = resume_config(run_dir, given)
+        run(cfg, run_dir, resume=given.get("resume", False), overwrite=given.get("overwrite", False),
+            command=" ".join([script] + argv))
+        print(f"done: results in {run_dir}; evaluate with: python {script} --eval {os.path.join(run_dir, 'best.pt')}")
         return run_dir
     except UserError as e:
         sys.stderr.write(f"error: {e}\n")
@@ -1782,3 +1956,6 @@ def main(defaults, argv=None, prefix=None):
     except (Diverged, SanityError) as e:
         sys.stderr.write(f"error: {e}\n")
         sys.exit(1)
+    except Interrupted as e:
+        sys.stderr.write(f"{e}\n")
+        sys.exit(e.code)

@@ -1,25 +1,18 @@
-"""Ablation studies of the paper (CIFAR-100, TRADES / vanilla AT, settings of Tables I-II).
+"""Ablation studies of the paper (CIFAR-100, TRADES / vanilla AT, settings of Tables I-II), and the evidence study.
 
     python exp_ablations.py --study NAME [--quick] [--dry-run] [run flags ...]
 
-Studies (each = a list of runs + a table or figure; finished runs are reused, unfinished ones resumed):
-    relation        Table VI   vanilla AT + each relation loss in place of L_TP (rkd, crd, mca, tp)
-    batch-size      Table VIII TRADES + TRAIN at batch 128, 256, 384
-    lambda          Table IX   TRADES + TRAIN with lambda 0, 5a, 10a, 20a, 50a (+ test L_TP)
-    std-backbone    Table VII  M = ResNet-18 vs WRN-34-10, and the standard models themselves
-    pretrained-std  Table X    TRAIN* (M pre-trained and frozen) vs TRAIN (joint)
-    mobilenet       Table XII  M' = MobileNetV3 with AT / TRADES +- TRAIN
-    beta-sweep      Fig. 3     TRADES beta 1..6, kNN topology score vs k
-    time            Table XI   seconds per step / epoch of AT, TRADES +- LBGAT / TRAIN on this device
-    evidence        -          AT / TRADES +- TRAIN over 3 seeds, mean +- std and paired gains (--scale cpu|gpu)
-Flags it does not know (e.g. --data-file, --device, --runs-dir) are passed to every run.
+Each study is a list of runs (settings that differ from the study's base) + a table or figure; finished
+runs are reused, unfinished ones resumed, each run is evaluated once.
+Flags this script does not know (e.g. --data-file, --device, --runs-dir, --lr) are passed to every run.
 """
-import argparse
+import dataclasses
 import json
 import math
 import os
 import statistics
 import sys
+import threading
 import time
 
 import torch
@@ -27,9 +20,11 @@ import torch
 import common
 
 DEFAULTS = dict(dataset="cifar100", method="trades", lam="20a", arch="wrn34_10", std_arch="resnet18")
-# --quick: smoke scale, minutes on a CPU
-QUICK_ARGS = ["--quick", "--epochs", "2", "--milestones", "2", "--train-n", "1024", "--test-n", "500", "--eval-n", "500"]
-FULL_METRICS = "nat,pgd,cw,aa"
+# --quick: smoke scale, minutes on a CPU (common's --quick preset, then these)
+STUDY_QUICK = {"quick": True, "epochs": 2, "milestones": [2], "train_n": 1024, "test_n": 500, "eval_n": 500}
+QUICK_EVAL = {"knn_train_n": 1024, "aa_n": 100}  # smoke scale: AutoAttack on 100 images, kNN support 1,024
+FULL_METRICS = ["nat", "pgd", "cw", "aa"]
+BETA_KS = [5, 10, 20, 30, 40, 50]
 
 
 def backbones(quick):
@@ -37,56 +32,64 @@ def backbones(quick):
     return ("cnn_small", "resnet18") if quick else ("resnet18", "wrn34_10")
 
 
+# ------------------------------------------------------------------------------------- the studies
+# A study: (quick, dir_of) -> [(label, settings that differ from the study's base, metrics)];
+# dir_of(settings) is the run folder of those settings (for runs that use another run's checkpoint).
 def study_relation(quick, dir_of):
-    at = ["--method", "at"]
+    """Table VI: vanilla AT + each relation loss in place of L_TP."""
+    at = {"method": "at"}
     return [("Vanilla AT", at, FULL_METRICS),
-            ("MCA", at + ["--train", "--relation", "mca"], FULL_METRICS),
-            ("Vanilla AT + RKD", at + ["--train", "--relation", "rkd"], FULL_METRICS),
-            ("Vanilla AT + CRD", at + ["--train", "--relation", "crd"], FULL_METRICS),
-            ("Vanilla AT + TRAIN", at + ["--train"], FULL_METRICS)]
+            ("MCA", {**at, "train": True, "relation": "mca"}, FULL_METRICS),
+            ("Vanilla AT + RKD", {**at, "train": True, "relation": "rkd"}, FULL_METRICS),
+            ("Vanilla AT + CRD", {**at, "train": True, "relation": "crd"}, FULL_METRICS),
+            ("Vanilla AT + TRAIN", {**at, "train": True}, FULL_METRICS)]
 
 
 def study_batch_size(quick, dir_of):
-    return [(f"batch {b}", ["--train", "--batch-size", str(b)], FULL_METRICS) for b in (128, 256, 384)]
+    """Table VIII: TRADES + TRAIN at batch 128, 256, 384."""
+    return [(f"batch {b}", {"train": True, "batch_size": b}, FULL_METRICS) for b in (128, 256, 384)]
 
 
 def study_lambda(quick, dir_of):
-    return [(f"lambda {lam}", ["--train", "--lam", lam], "nat,pgd,tp") for lam in ("0", "5a", "10a", "20a", "50a")]
+    """Table IX: TRADES + TRAIN with lambda 0, 5a, 10a, 20a, 50a (+ test L_TP)."""
+    return [(f"lambda {lam}", {"train": True, "lam": common.Lambda.parse(lam)}, ["nat", "pgd", "tp"])
+            for lam in ("0", "5a", "10a", "20a", "50a")]
 
 
 def study_std_backbone(quick, dir_of):
+    """Table VII: M = ResNet-18 vs WRN-34-10, and the standard models themselves."""
     small, large = backbones(quick)
     runs = []
     for std in (small, large):
-        runs.append((f"standard training, {std}", ["--method", "standard", "--arch", std], FULL_METRICS))
-        runs.append((f"TRADES + TRAIN, M = {std}", ["--train", "--std-arch", std], FULL_METRICS))
+        runs.append((f"standard training, {std}", {"method": "standard", "arch": std}, FULL_METRICS))
+        runs.append((f"TRADES + TRAIN, M = {std}", {"train": True, "std_arch": std}, FULL_METRICS))
     return runs
 
 
 def study_pretrained_std(quick, dir_of):
+    """Table X: TRAIN* (M pre-trained and frozen) vs TRAIN (joint)."""
     small, _ = backbones(quick)
-    standard = ["--method", "standard", "--arch", small]
+    standard = {"method": "standard", "arch": small}
     ckpt = os.path.join(dir_of(standard), "last.pt")
     return [("standard model", standard, FULL_METRICS),
-            ("Vanilla AT", ["--method", "at"], FULL_METRICS),
-            ("Vanilla AT + TRAIN*", ["--method", "at", "--train", "--std-arch", small, "--std-ckpt", ckpt, "--freeze-std"],
+            ("Vanilla AT", {"method": "at"}, FULL_METRICS),
+            ("Vanilla AT + TRAIN*", {"method": "at", "train": True, "std_arch": small, "std_ckpt": ckpt, "freeze_std": True},
              FULL_METRICS),
-            ("Vanilla AT + TRAIN", ["--method", "at", "--train", "--std-arch", small], FULL_METRICS)]
+            ("Vanilla AT + TRAIN", {"method": "at", "train": True, "std_arch": small}, FULL_METRICS)]
 
 
 def study_mobilenet(quick, dir_of):
-    mb = ["--arch", "mobilenet_v3"]
-    return [("Vanilla AT", mb + ["--method", "at"], FULL_METRICS),
-            ("Vanilla AT + TRAIN", mb + ["--method", "at", "--train"], FULL_METRICS),
-            ("TRADES", mb + ["--method", "trades"], FULL_METRICS),
-            ("TRADES + TRAIN", mb + ["--method", "trades", "--train"], FULL_METRICS)]
-
-
-BETA_KS = "5,10,20,30,40,50"
+    """Table XII: M' = MobileNetV3 with AT / TRADES +- TRAIN."""
+    mb = {"arch": "mobilenet_v3"}
+    return [("Vanilla AT", {**mb, "method": "at"}, FULL_METRICS),
+            ("Vanilla AT + TRAIN", {**mb, "method": "at", "train": True}, FULL_METRICS),
+            ("TRADES", {**mb, "method": "trades"}, FULL_METRICS),
+            ("TRADES + TRAIN", {**mb, "method": "trades", "train": True}, FULL_METRICS)]
 
 
 def study_beta_sweep(quick, dir_of):
-    return [(f"beta {b}", ["--method", "trades", "--beta", str(b)], "nat,pgd,knn") for b in range(1, 7)]
+    """Fig. 3: TRADES beta 1..6, kNN topology score vs k (PNG)."""
+    return [(f"beta {b}", {"method": "trades", "beta": float(b)}, ["nat", "pgd", "knn"]) for b in range(1, 7)]
 
 
 STUDIES = {"relation": study_relation, "batch-size": study_batch_size, "lambda": study_lambda,
@@ -97,88 +100,86 @@ TIME_CONFIGS = [("AT", "at", ()), ("AT + LBGAT", "at", ("lbgat",)), ("AT + TRAIN
 
 
 # ------------------------------------------------------------------------------------- running a study
-NOT_IN_FOLDER = {"--device", "--runs-dir", "--data-dir"}  # flags that do not change what a run trains
+class Study:
+    """The settings every run of a study shares: the base Config (DEFAULTS, the --quick presets, the
+    passed-through flags), the evaluation settings, and the folder its runs live in."""
+
+    def __init__(self, passthrough, quick=False, defaults=DEFAULTS, root_name="ablations"):
+        self.given = common.parse_flags(defaults, passthrough)
+        actions = {f.name for f in dataclasses.fields(common.Actions)} - {"runs_dir"}
+        bad = sorted(set(self.given) & actions)
+        if bad:
+            raise common.UserError(f"{', '.join('--' + k.replace('_', '-') for k in bad)} cannot be passed to a study's runs")
+        self.quick = quick
+        self.base = common.make_config(defaults, {**(STUDY_QUICK if quick else {}), **self.given})
+        self.eval_given = {k: v for k, v in self.given.items()
+                           if k in {f.name for f in dataclasses.fields(common.EvalConfig)} - {"eps", "test_n"}}
+        self.root = os.path.join(self.given.get("runs_dir", "runs"), root_name + self.suffix())
+
+    def suffix(self):
+        """_quick and the passed-through settings that change every run, so studies on other settings
+        or data never share a folder."""
+        kinds = {f.name: f.metadata["kind"] for f in dataclasses.fields(common.Config)}
+        parts = ["quick"] if self.quick else []
+        for k, v in sorted(self.given.items()):
+            if k == "data_file":
+                parts.append(f"data-file-{os.path.splitext(os.path.basename(v))[0]}")
+            elif kinds.get(k) == common.RUN and k != "quick":
+                parts.append(common.name_part(k, v))
+        return "".join("_" + p for p in parts)
+
+    def config(self, settings):
+        cfg = dataclasses.replace(self.base, **settings)
+        common.validate(cfg)
+        return cfg
+
+    def dir_of(self, settings):
+        """The run folder: the one naming scheme of common.run_name, against the study's base."""
+        return os.path.join(self.root, common.run_name(self.config(settings), self.base))
+
+    def eval_config(self, metrics, extra=None):
+        return common.EvalConfig(**{"metrics": metrics, "knn_k": BETA_KS, **(QUICK_EVAL if self.quick else {}),
+                                    **self.eval_given, **(extra or {})})
 
 
-def slug(args):
-    """method-at_train_relation-mca: a folder name from flags (paths shortened to their last part)."""
-    parts, i = [], 0
-    while i < len(args):
-        flag = args[i].lstrip("-")
-        if i + 1 < len(args) and not args[i + 1].startswith("--"):
-            value = os.path.splitext(os.path.basename(os.path.dirname(args[i + 1]) if args[i + 1].endswith(".pt")
-                                                      else args[i + 1]))[0]
-            parts.append(f"{flag}-{value}")
-            i += 2
-        else:
-            parts.append(flag)
-            i += 1
-    return "_".join(parts) or "default"
-
-
-def study_root(passthrough, quick):
-    """runs/ablations[_quick][_<data and other shared flags>]: one folder of runs per setting."""
-    cfg, _ = common.parse_args(DEFAULTS, passthrough)
-    shared, skip = [], False
-    for i, a in enumerate(passthrough):
-        if skip:
-            skip = False
-            continue
-        if a in NOT_IN_FOLDER:
-            skip = i + 1 < len(passthrough) and not passthrough[i + 1].startswith("--")
-            continue
-        shared.append(a)
-    name = "ablations" + ("_quick" if quick else "") + (f"_{slug(shared)}" if shared else "")
-    return os.path.join(cfg.runs_dir, name)
-
-
-def run_dir_of(args, passthrough, quick):
-    return os.path.join(study_root(passthrough, quick), slug(args))
-
-
-IGNORED_SETTINGS = {"device", "resume", "overwrite", "out", "runs_dir", "data_dir", "_data_file_given", "_data_dir_given"}
-
-
-def check_same_settings(run_dir, argv):
-    """A folder is reused only if it holds a run with exactly these settings."""
-    with open(os.path.join(run_dir, "config.json")) as fh:
-        saved = json.load(fh)["config"]
-    wanted = vars(common.parse_args(DEFAULTS, argv)[0])
-    diff = sorted(k for k, v in wanted.items() if k not in IGNORED_SETTINGS and k in saved and saved[k] != v)
+def check_same_settings(run_dir, cfg):
+    """A folder is reused only if it holds a run with exactly these run-defining settings."""
+    saved, wanted = common.load_run_config(run_dir).run_settings(), cfg.run_settings()
+    diff = sorted(k for k in wanted if saved[k] != wanted[k])
     if diff:
         raise common.UserError(f"{run_dir} holds a run with other settings ({', '.join(diff)}); "
                                "move it away or use another --runs-dir")
 
 
-def run_and_evaluate(label, args, metrics, passthrough, quick, dry_run, log, run_dir=None, ckpt=None, eval_extra=()):
-    run_dir = run_dir or run_dir_of(args, passthrough, quick)
-    argv = args + passthrough + (QUICK_ARGS if quick else []) + ["--out", run_dir]
+def run_and_evaluate(study, label, settings, ecfg, dry_run, log, run_dir=None, ckpt=None):
+    """Train (or resume, or reuse) one run and evaluate it once; -> its eval.json dict, {"failed": why},
+    or None on a dry run."""
+    cfg = study.config(settings)
+    run_dir = run_dir or study.dir_of(settings)
     status = common.run_status(run_dir)
     if os.path.isfile(os.path.join(run_dir, "config.json")):
-        check_same_settings(run_dir, argv)
+        check_same_settings(run_dir, cfg)
     if dry_run:
-        log(f"[{status}] {label}: {' '.join(argv)} -> {run_dir}")
+        log(f"[{status}] {label}: {' '.join(common.name_part(k, v) for k, v in settings.items())} -> {run_dir}")
         return None
     if status != "done":
-        # partial: resume; missing but the folder has files (a run that diverged before its first
-        # checkpoint, same settings as checked above): start it again
-        again = ["--resume"] if status == "partial" else ["--overwrite"] if os.path.isdir(run_dir) else []
+        # partial: resume (its own settings, where it runs from now); missing but the folder has files
+        # (a run that diverged before its first checkpoint, same settings as checked above): start again
+        resume = status == "partial"
+        if resume:
+            cfg = common.resume_config(run_dir, {k: getattr(cfg, k) for k in ("device", "data_file", "data_dir")})
         try:
-            common.main(DEFAULTS, argv + again)
-        except SystemExit as e:
-            if e.code != 1:  # common.main exits 1 on a NaN/inf loss only; 2 (bad input) ends the study
-                raise
-            log(f"{label}: diverged (non-finite loss), see {os.path.join(run_dir, 'log.txt')}; the study goes on")
+            common.run(cfg, run_dir, resume=resume, overwrite=not resume and os.path.isdir(run_dir),
+                       command=f"exp_ablations.py ({label})")
+        except common.Diverged as e:
+            log(f"{label}: diverged ({e}); the study goes on")
             return {"failed": "diverged"}
-        if common.run_status(run_dir) != "done":
-            raise SystemExit(f"{label}: the run stopped before its last epoch; rerun the study to resume it")
     eval_json = os.path.join(run_dir, "eval.json")
     if not os.path.isfile(eval_json):
-        ckpt = os.path.join(run_dir, ckpt or ("last.pt" if "--method standard" in " ".join(args) else "best.pt"))
-        eval_argv = [a for a in passthrough] + ["--eval", ckpt, "--metrics", metrics, "--knn-k", BETA_KS] + list(eval_extra)
-        if quick:  # smoke scale: AutoAttack on 100 images, kNN support from the 1,024 training images
-            eval_argv += ["--knn-train-n", "1024", "--aa-n", "100"]
-        common.main(DEFAULTS, eval_argv)
+        ckpt = ckpt or ("last.pt" if cfg.method == "standard" else "best.pt")
+        res = common.evaluate(os.path.join(run_dir, ckpt), ecfg, out_dir=run_dir)
+        common.write_eval(res, run_dir)
+        return res
     with open(eval_json) as fh:
         return json.load(fh)
 
@@ -205,11 +206,10 @@ def _render_rows(study, rows):
                 for label, r in rows]
         return head + "\n" + "\n".join(body)
     if study == "beta-sweep":
-        ks = BETA_KS.split(",")
-        head = ("| beta | Natural | PGD-20 | " + " | ".join(f"kNN k={k}" for k in ks) + " |\n"
-                + "| --- " * (3 + len(ks)) + "|")
+        head = ("| beta | Natural | PGD-20 | " + " | ".join(f"kNN k={k}" for k in BETA_KS) + " |\n"
+                + "| --- " * (3 + len(BETA_KS)) + "|")
         body = [f"| {label.split()[-1]} | {pct(r['natural'])} | {pct(r['pgd'])} | "
-                + " | ".join(pct(r["knn"]["natural"][k]) for k in ks) + " |" for label, r in rows]
+                + " | ".join(pct(r["knn"]["natural"][str(k)]) for k in BETA_KS) + " |" for label, r in rows]
         return head + "\n" + "\n".join(body)
     head = "| method | Natural | PGD-20 | CW-20 | AA |\n| --- | --- | --- | --- | --- |"
     body = []
@@ -226,10 +226,9 @@ def plot_beta_sweep(rows, path):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    ks = [int(k) for k in BETA_KS.split(",")]
     fig, ax = plt.subplots(figsize=(6, 4))
     for label, r in rows:
-        ax.plot(ks, [100 * r["knn"]["natural"][str(k)] for k in ks], marker="o", label=label)
+        ax.plot(BETA_KS, [100 * r["knn"]["natural"][str(k)] for k in BETA_KS], marker="o", label=label)
     ax.set_xlabel("k")
     ax.set_ylabel("topology score (kNN accuracy, %)")
     ax.legend()
@@ -237,6 +236,34 @@ def plot_beta_sweep(rows, path):
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def ablation_study(name, quick, passthrough, dry_run, log):
+    study = Study(passthrough, quick)
+    runs = STUDIES[name](quick, study.dir_of)
+    log(f"study {name}: {len(runs)} runs" + (" (quick)" if quick else ""))
+    rows = []
+    for label, settings, metrics in runs:
+        r = run_and_evaluate(study, label, settings, study.eval_config(metrics), dry_run, log)
+        if r is not None:
+            rows.append((label, r))
+    if dry_run:
+        return None
+    table = render_table(name, rows)
+    with open(os.path.join(study.root, f"{name}.md"), "w") as fh:
+        fh.write(table + "\n")
+    log(f"table: {os.path.join(study.root, name + '.md')}")
+    if name == "beta-sweep":
+        log(f"figure: {plot_beta_sweep([(l, r) for l, r in rows if 'failed' not in r], os.path.join(study.root, 'beta-sweep.png'))}")
+    log(table)
+    failed = [label for label, r in rows if "failed" in r]
+    if failed:
+        raise StudyFailed(f"{len(failed)} of {len(rows)} runs failed ({', '.join(failed)}); their rows say how")
+    return table
+
+
+class StudyFailed(Exception):
+    """Some runs of a study diverged: the table is written with their rows marked, the study exits 1."""
 
 
 # ------------------------------------------------------------------------------------- the evidence study
@@ -248,9 +275,9 @@ Scale "cpu" (chosen by measuring, 2026-12-01, AMD EPYC, one thread per run, batc
   32/64/128. Six convolutions instead of three make standard training clearly beat AT on natural accuracy
   (the 'Standard' reference row checks this). The first 8,000 training images of the shared CIFAR-10
   copy (official order, about class-balanced), 8 epochs with lr x0.1 at epochs 6 and 7 (75%/90% of the
-  paper's schedule, as in the paper), PGD-3 with step 0.01 (3 x 0.01 ~ eps = 0.031), lambda 5 (the
-  paper's CIFAR-10 value), 3 seeds. Evaluation of last.pt (no checkpoint picked on test data) on the
-  first 1,000 test images: natural, PGD-20, CW-20, AutoAttack APGD-CE + APGD-DLR (the standard version's
+  schedule, as in the paper), PGD-3 with step 0.01 (3 x 0.01 ~ eps = 0.031), lambda 5 (the paper's
+  CIFAR-10 value), 3 seeds. Evaluation of last.pt (no checkpoint picked on test data) on the first
+  1,000 test images: natural, PGD-20, CW-20, AutoAttack APGD-CE + APGD-DLR (the standard version's
   APGD-T, FAB-T and Square would multiply the evaluation time by ~4 at this budget), kNN@30 with the
   first 1,000 training images as support, test L_TP, M's natural accuracy. About 12-14 minutes of one
   core per run; the study's 15 runs fit ~3 hours of a 2-core machine, run as two processes with
@@ -258,38 +285,37 @@ Scale "cpu" (chosen by measuring, 2026-12-01, AMD EPYC, one thread per run, batc
 Scale "gpu": PreAct-ResNet-18 M' / ResNet-18 M on full CIFAR-10, PGD-10, 30 epochs (lr x0.1 at 23, 27),
   standard AutoAttack on 1,000 images; every run resumes, so --max-minutes splits it into GPU jobs.
 """
-EVIDENCE_CONFIGS = [("standard", "Standard", ["--method", "standard"]),
-                    ("at", "AT", ["--method", "at"]),
-                    ("at_train", "AT + TRAIN", ["--method", "at", "--train"]),
-                    ("trades", "TRADES", ["--method", "trades"]),
-                    ("trades_train", "TRADES + TRAIN", ["--method", "trades", "--train"])]
+EVIDENCE_CONFIGS = [("standard", "Standard", {"method": "standard"}),
+                    ("at", "AT", {"method": "at"}),
+                    ("at_train", "AT + TRAIN", {"method": "at", "train": True}),
+                    ("trades", "TRADES", {"method": "trades"}),
+                    ("trades_train", "TRADES + TRAIN", {"method": "trades", "train": True})]
 EVIDENCE_PAIRS = [("at", "at_train"), ("trades", "trades_train")]
-EVIDENCE_SEEDS = (1, 2, 3)
+EVIDENCE_SEEDS = [1, 2, 3]
 SHARED_CIFAR10 = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "shared", "data", "cifar10.npz")
 EVIDENCE_SCALES = {
-    "cpu": {"train": ["--dataset", "cifar10", "--data-file", SHARED_CIFAR10, "--arch", "cnn6", "--std-arch", "cnn6",
-                      "--train-n", "8000", "--test-n", "1000", "--epochs", "8", "--milestones", "6,7", "--steps", "3",
-                      "--step-size", "0.01", "--eval-steps", "10", "--eval-n", "500", "--lam", "5", "--beta", "6"],
-            "eval": ["--aa-n", "1000", "--aa-attacks", "apgd-ce,apgd-dlr", "--knn-k", "30", "--knn-train-n", "1000"]},
-    "gpu": {"train": ["--dataset", "cifar10", "--data-file", SHARED_CIFAR10, "--arch", "preact_resnet18",
-                      "--std-arch", "resnet18", "--epochs", "30", "--milestones", "23,27", "--steps", "10",
-                      "--step-size", "0.007", "--eval-steps", "20", "--eval-n", "1000", "--lam", "5", "--beta", "6"],
-            "eval": ["--aa-n", "1000", "--knn-k", "30", "--knn-train-n", "10000"]},
+    "cpu": {"train": dict(dataset="cifar10", data_file=SHARED_CIFAR10, arch="cnn6", std_arch="cnn6", train_n=8000,
+                          test_n=1000, epochs=8, milestones=[6, 7], steps=3, step_size=0.01, eval_steps=10, eval_n=500,
+                          lam="5", beta=6.0, device="cpu"),
+            "eval": dict(aa_n=1000, aa_attacks=["apgd-ce", "apgd-dlr"], knn_k=[30], knn_train_n=1000)},
+    "gpu": {"train": dict(dataset="cifar10", data_file=SHARED_CIFAR10, arch="preact_resnet18", std_arch="resnet18",
+                          epochs=30, milestones=[23, 27], steps=10, step_size=0.007, eval_steps=20, eval_n=1000, lam="5",
+                          beta=6.0),
+            "eval": dict(aa_n=1000, knn_k=[30], knn_train_n=10000)},
 }
 EVIDENCE_METRICS = [("natural", "Natural"), ("pgd", "PGD-20"), ("cw", "CW-20"), ("aa", "AA"),
                     ("knn_natural", "kNN@30 natural"), ("knn_robust", "kNN@30 robust"), ("test_ltp", "test L_TP"),
                     ("std_natural", "M natural")]
 
 
-def evidence_runs(scale, configs=None, seeds=EVIDENCE_SEEDS):
-    """[(key, label, seed, train args, metrics)] of the evidence study at one scale."""
+def evidence_runs(configs=None, seeds=EVIDENCE_SEEDS):
+    """[(key, label, seed, settings, metrics)] of the evidence study."""
     out = []
-    for key, label, args in EVIDENCE_CONFIGS:
+    for key, label, settings in EVIDENCE_CONFIGS:
         if configs and key not in configs:
             continue
-        metrics = "nat,pgd" if key == "standard" else "nat,pgd,cw,aa,knn,tp"
-        for seed in seeds:
-            out.append((key, label, seed, EVIDENCE_SCALES[scale]["train"] + args + ["--seed", str(seed)], metrics))
+        metrics = ["nat", "pgd"] if key == "standard" else ["nat", "pgd", "cw", "aa", "knn", "tp"]
+        out += [(key, label, seed, {**settings, "seed": seed}, metrics) for seed in seeds]
     return out
 
 
@@ -302,7 +328,7 @@ def evidence_values(r):
 
 
 def mean_std(values):
-    """'m +- s' of the values present (percent for accuracies); '-' when none."""
+    """'m ± s' of the values present (sample std); '-' when none."""
     v = [x for x in values if x is not None]
     if not v:
         return "-"
@@ -314,43 +340,40 @@ def scaled(key, v):
 
 
 def evidence_tables(results):
-    """results: {config key: {seed: eval.json dict}} -> markdown: mean +- std per configuration, the TRAIN
-    gain per base method (mean +- std of the per-seed paired differences), and every paired seed."""
+    """results: {config key: {seed: eval.json dict}} -> markdown: mean ± std per configuration, the TRAIN
+    gain per base method (mean ± std of the per-seed paired differences), and every paired seed."""
     labels = {k: label for k, label, _ in EVIDENCE_CONFIGS}
-    head = "| method | seeds | " + " | ".join(name for _, name in EVIDENCE_METRICS) + " |"
-    sep = "| --- " * (2 + len(EVIDENCE_METRICS)) + "|"
-    lines = ["Mean ± standard deviation over seeds (accuracies in %):", "", head, sep]
+    lines = ["Mean ± standard deviation over seeds (accuracies in %):", "",
+             "| method | seeds | " + " | ".join(name for _, name in EVIDENCE_METRICS) + " |",
+             "| --- " * (2 + len(EVIDENCE_METRICS)) + "|"]
     for key, runs in results.items():
         vals = [evidence_values(r) for r in runs.values()]
         lines.append(f"| {labels[key]} | {len(vals)} | "
                      + " | ".join(mean_std([scaled(m, v[m]) for v in vals]) for m, _ in EVIDENCE_METRICS) + " |")
     gain_metrics = [(m, n) for m, n in EVIDENCE_METRICS if m not in ("test_ltp", "std_natural")]
-    lines += ["", "TRAIN gain over its base method: mean ± std of the per-seed differences (points; "
-              "positive = TRAIN better), and how many seeds TRAIN wins:", "",
-              "| pair | seeds | " + " | ".join(n for _, n in gain_metrics) + " |", "| --- " * (2 + len(gain_metrics)) + "|"]
-    paired_rows = []
+    gain_head = ["| pair | seeds | " + " | ".join(n for _, n in gain_metrics) + " |", "| --- " * (2 + len(gain_metrics)) + "|"]
+    gains, paired = [], []
     for base, plus in EVIDENCE_PAIRS:
         if base not in results or plus not in results:
             continue
         seeds = sorted(set(results[base]) & set(results[plus]))
+        pair = f"{labels[plus]} vs {labels[base]}"
         cells = []
         for m, _ in gain_metrics:
-            diffs = []
-            for s in seeds:
-                a, b = evidence_values(results[base][s])[m], evidence_values(results[plus][s])[m]
-                if a is not None and b is not None:
-                    diffs.append(100 * (b - a))
-            wins = sum(d > 0 for d in diffs)
-            cells.append(f"{mean_std(diffs)} ({wins}/{len(diffs)})" if diffs else "-")
-        lines.append(f"| {labels[plus]} vs {labels[base]} | {len(seeds)} | " + " | ".join(cells) + " |")
+            diffs = [100 * (b[m] - a[m]) for s in seeds
+                     for a, b in [(evidence_values(results[base][s]), evidence_values(results[plus][s]))]
+                     if a[m] is not None and b[m] is not None]
+            cells.append(f"{mean_std(diffs)} ({sum(d > 0 for d in diffs)}/{len(diffs)})" if diffs else "-")
+        gains.append(f"| {pair} | {len(seeds)} | " + " | ".join(cells) + " |")
         for s in seeds:
             a, b = evidence_values(results[base][s]), evidence_values(results[plus][s])
-            paired_rows.append(f"| {labels[plus]} vs {labels[base]} | {s} | " + " | ".join(
+            paired.append(f"| {pair} | {s} | " + " | ".join(
                 "-" if a[m] is None or b[m] is None else f"{100 * a[m]:.2f} → {100 * b[m]:.2f}" for m, _ in gain_metrics) + " |")
-    if paired_rows:
-        lines += ["", "Paired per seed (base → with TRAIN):", "",
-                  "| pair | seed | " + " | ".join(n for _, n in gain_metrics) + " |", "| --- " * (2 + len(gain_metrics)) + "|"]
-        lines += paired_rows
+    if gains:
+        lines += ["", "TRAIN gain over its base method: mean ± std of the per-seed differences (points; positive = "
+                  "TRAIN better), and on how many seeds TRAIN is better:", ""] + gain_head + gains
+        lines += ["", "Paired per seed (base → with TRAIN):", "", gain_head[0].replace("| seeds |", "| seed |"),
+                  gain_head[1]] + paired
     return "\n".join(lines)
 
 
@@ -366,17 +389,18 @@ def plot_learning_curves(curves, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    pgd_key = "pgd_acc"
     for i, (label, seeds) in enumerate(curves.items()):
         colour = plt.cm.tab10(i % 10)
         epochs = [r["epoch"] for r in seeds[0]]
         pgd_key = next(k for k in seeds[0][0] if k.startswith("pgd") and k.endswith("_acc"))
-        for ax, key, std_key in ((axes[0], "nat_acc", "std_nat_acc"), (axes[1], pgd_key, "std_" + pgd_key)):
+        for ax, key in ((axes[0], "nat_acc"), (axes[1], pgd_key)):
             mean = lambda k: [100 * statistics.mean(rows[e][k] for rows in seeds) for e in range(len(epochs))]
             ax.plot(epochs, mean(key), color=colour, marker="o", ms=3, label=f"{label} M'")
-            if std_key in seeds[0][0]:
-                ax.plot(epochs, mean(std_key), color=colour, ls="--", label=f"{label} M")
+            if "std_" + key in seeds[0][0]:
+                ax.plot(epochs, mean("std_" + key), color=colour, ls="--", label=f"{label} M")
     axes[0].set_title("natural accuracy (monitored test images)")
-    axes[1].set_title(f"PGD accuracy ({pgd_key.split('_')[0].upper()})")
+    axes[1].set_title(f"PGD-{pgd_key[3:-4]} accuracy (monitored test images)")
     for ax in axes:
         ax.set_xlabel("epoch")
         ax.set_ylabel("accuracy (%)")
@@ -389,31 +413,33 @@ def plot_learning_curves(curves, path):
 
 
 def evidence_study(scale, configs, seeds, passthrough, dry_run, log):
-    """Train and evaluate every run of the evidence study; write evidence_<scale>.md and the curves PNG."""
-    cfg, _ = common.parse_args(DEFAULTS, passthrough)
-    root = os.path.join(cfg.runs_dir, f"evidence_{scale}")
-    runs = evidence_runs(scale, configs, seeds)
+    """Train and evaluate every run of the evidence study; write evidence_<scale>.md and its curves PNG."""
     if dry_run:
         for sc in EVIDENCE_SCALES:
-            for key, label, seed, args, metrics in evidence_runs(sc, configs, seeds):
-                log(f"[{sc}] {label}, seed {seed}: {' '.join(args)}")
+            study = Study(passthrough, defaults={**DEFAULTS, **EVIDENCE_SCALES[sc]["train"]}, root_name=f"evidence_{sc}")
+            for key, label, seed, settings, _ in evidence_runs(configs, seeds):
+                cfg = study.config(settings)
+                log(f"[{sc}] [{common.run_status(study.dir_of(settings))}] {label}, seed {seed}: M'={cfg.arch} "
+                    f"M={cfg.std_arch} {cfg.train_n or 'all'} train images, {cfg.epochs} epochs, PGD-{cfg.steps} "
+                    f"-> {study.dir_of(settings)}")
         return None
-    log(f"evidence study ({scale}): {len(runs)} runs in {root}")
+    study = Study(passthrough, defaults={**DEFAULTS, **EVIDENCE_SCALES[scale]["train"]}, root_name=f"evidence_{scale}")
+    runs = evidence_runs(configs, seeds)
+    log(f"evidence study ({scale}): {len(runs)} runs in {study.root}")
     results, curves = {}, {}
-    for key, label, seed, args, metrics in runs:
-        run_dir = os.path.join(root, f"{key}_seed{seed}")
-        r = run_and_evaluate(f"{label} seed {seed}", args, metrics, passthrough, False, False, log, run_dir=run_dir,
-                             ckpt="last.pt", eval_extra=EVIDENCE_SCALES[scale]["eval"])
+    for key, label, seed, settings, metrics in runs:
+        ecfg = study.eval_config(metrics, {"knn_k": [30], **EVIDENCE_SCALES[scale]["eval"]})
+        r = run_and_evaluate(study, f"{label}, seed {seed}", settings, ecfg, False, log, ckpt="last.pt")
         if "failed" in r:
             continue
         results.setdefault(key, {})[seed] = r
-        curves.setdefault(label, []).append(read_metrics(run_dir))
+        curves.setdefault(label, []).append(read_metrics(study.dir_of(settings)))
     table = evidence_tables(results)
-    with open(os.path.join(root, f"evidence_{scale}.md"), "w") as fh:
+    with open(os.path.join(study.root, f"evidence_{scale}.md"), "w") as fh:
         fh.write(table + "\n")
-    png = plot_learning_curves(curves, os.path.join(root, f"evidence_{scale}_curves.png"))
+    png = plot_learning_curves(curves, os.path.join(study.root, f"evidence_{scale}_curves.png"))
     log(table)
-    log(f"table: {os.path.join(root, f'evidence_{scale}.md')}; curves: {png}")
+    log(f"table: {os.path.join(study.root, f'evidence_{scale}.md')}; curves: {png}")
     return table
 
 
@@ -421,7 +447,7 @@ def evidence_study(scale, configs, seeds, passthrough, dry_run, log):
 def time_study(quick, passthrough, steps, warmup, log):
     """Median seconds per training step (after warm-up) of each configuration, extrapolated to an epoch
     of 50,000 images; TRAIN's overhead relative to its base method."""
-    cfg, _ = common.parse_args(DEFAULTS, passthrough + (["--quick"] if quick else []) + ["--dataset", "cifar100"])
+    cfg = Study(passthrough + ["--dataset", "cifar100"], quick).base
     device = torch.device(cfg.device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
     torch.manual_seed(0)
@@ -430,8 +456,7 @@ def time_study(quick, passthrough, steps, warmup, log):
     per_epoch = math.ceil(50_000 / cfg.batch_size)
     runs = {}  # label -> (config, models, optimizers); all built first so steps can be interleaved
     for label, method, plugins in TIME_CONFIGS:
-        c = argparse.Namespace(**vars(cfg))
-        c.method, c.train, c.lbgat = method, "train" in plugins, "lbgat" in plugins
+        c = dataclasses.replace(cfg, method=method, train="train" in plugins, lbgat="lbgat" in plugins)
         models = common.build_models(c, 100, device)
         runs[label] = (c, models, common.build_optimizers(models, c))
     # Round-robin: one step of every configuration per round, so a slow spell of a shared machine
@@ -461,19 +486,42 @@ def time_study(quick, passthrough, steps, warmup, log):
     return "\n".join(lines)
 
 
+# ------------------------------------------------------------------------------------- command line
+def study_list():
+    lines = [f"  {name:<15} {((fn.__doc__ or '').strip().splitlines() or [''])[0]}" for name, fn in STUDIES.items()]
+    lines.append(f"  {'time':<15} Table XI: seconds per step / epoch of AT, TRADES +- LBGAT / TRAIN on this device")
+    lines.append(f"  {'evidence':<15} AT / TRADES +- TRAIN over 3 seeds: mean ± std, paired gains, curves (--scale cpu|gpu)")
+    return "\n".join(lines)
+
+
+def stop_after(minutes):
+    """--max-minutes: ask the running run to save its checkpoint and stop (as SIGTERM does) after this
+    long, so a long study fits time-limited jobs; rerunning the study resumes it."""
+    if minutes:
+        timer = threading.Timer(60 * minutes, lambda: setattr(common.StopFlag, "requested", True))
+        timer.daemon = True
+        timer.start()
+
+
 def main(argv=None):
-    p = common.Parser(description=__doc__.splitlines()[0], add_help=True)
-    p.add_argument("--study", required=True, choices=sorted(list(STUDIES) + ["time", "evidence"]))
-    p.add_argument("--quick", action="store_true", help="smoke scale: cnn_small, data subset, 2 epochs")
-    p.add_argument("--dry-run", action="store_true", help="print the runs the study would make, run nothing")
-    p.add_argument("--steps-only", type=int, default=None, help="time study: timed steps (default 10, quick 3)")
-    p.add_argument("--warmup", type=int, default=None, help="time study: warm-up steps (default 3, quick 1)")
-    p.add_argument("--scale", choices=sorted(EVIDENCE_SCALES), default="cpu", help="evidence study: cpu or gpu scale")
+    import argparse
+    p = common.Parser(description=__doc__.splitlines()[0], epilog="studies:\n" + study_list() + "\n\nUnknown flags "
+                      "(e.g. --data-file X.npz --device cpu --lr 0.05) are passed to every run of the study.",
+                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--study", required=True, choices=sorted(list(STUDIES) + ["time", "evidence"]), help="which study")
+    p.add_argument("--quick", action="store_true", help="smoke scale: cnn_small, data subset, 2 epochs (default: off)")
+    p.add_argument("--dry-run", action="store_true", help="list the runs the study would make, run nothing (default: off)")
+    p.add_argument("--steps-only", type=int, default=None, help="time study: timed steps (default: 10, quick 3)")
+    p.add_argument("--warmup", type=int, default=None, help="time study: warm-up steps (default: 3, quick 1)")
+    p.add_argument("--scale", choices=sorted(EVIDENCE_SCALES), default="cpu", help="evidence study scale (default: cpu)")
     p.add_argument("--configs", type=common.name_list([k for k, _, _ in EVIDENCE_CONFIGS]), default=None,
-                   help="evidence study: run only these configurations (e.g. at,trades_train)")
-    p.add_argument("--seeds", type=common.int_list, default=list(EVIDENCE_SEEDS), help="evidence study: seeds")
+                   help="evidence study: only these configurations, e.g. at,trades_train (default: all)")
+    p.add_argument("--seeds", type=common.int_list, default=EVIDENCE_SEEDS, help="evidence study seeds (default: 1,2,3)")
+    p.add_argument("--max-minutes", type=float, default=0, help="save and stop the running run after this long; "
+                   "rerun to continue (default: 0 = no limit)")
     args, passthrough = p.parse_known_args(argv)
     log = print
+    stop_after(args.max_minutes)
     if args.study == "evidence":
         return evidence_study(args.scale, args.configs, args.seeds, passthrough, args.dry_run, log)
     if args.study == "time":
@@ -485,29 +533,7 @@ def main(argv=None):
         table = time_study(args.quick, passthrough, steps, warmup, log)
         log(table)
         return table
-    root = study_root(passthrough, args.quick)
-    dir_of = lambda run_args: run_dir_of(run_args, passthrough, args.quick)
-    runs = STUDIES[args.study](args.quick, dir_of)
-    log(f"study {args.study}: {len(runs)} runs" + (" (quick)" if args.quick else ""))
-    rows = []
-    for label, run_args, metrics in runs:
-        r = run_and_evaluate(label, run_args, metrics, passthrough, args.quick, args.dry_run, log)
-        if r is not None:
-            rows.append((label, r))
-    if args.dry_run:
-        return None
-    table = render_table(args.study, rows)
-    with open(os.path.join(root, f"{args.study}.md"), "w") as fh:
-        fh.write(table + "\n")
-    log(f"table: {os.path.join(root, args.study + '.md')}")
-    if args.study == "beta-sweep":
-        log(f"figure: {plot_beta_sweep([(l, r) for l, r in rows if 'failed' not in r], os.path.join(root, 'beta-sweep.png'))}")
-    log(table)
-    failed = [label for label, r in rows if "failed" in r]
-    if failed:
-        log(f"error: {len(failed)} of {len(rows)} runs failed ({', '.join(failed)}); their rows say how")
-        raise SystemExit(1)
-    return table
+    return ablation_study(args.study, args.quick, passthrough, args.dry_run, log)
 
 
 if __name__ == "__main__":
@@ -516,3 +542,9 @@ if __name__ == "__main__":
     except common.UserError as e:
         sys.stderr.write(f"error: {e}\n")
         sys.exit(2)
+    except (StudyFailed, common.SanityError) as e:
+        sys.stderr.write(f"error: {e}\n")
+        sys.exit(1)
+    except common.Interrupted as e:
+        sys.stderr.write(f"{e}; rerun the study to continue\n")
+        sys.exit(e.code)

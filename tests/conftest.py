@@ -25,3 +25,13 @@ def tiny_npz(tmp_path):
     np.savez(path, x_train=x_tr, y_train=y_tr, x_test=x_te, y_test=y_te,
              class_names=np.array(["a", "b", "c", "d"]))
     return str(path)
+
+
+# A test experiment script's defaults, and the flags of a seconds-long run on the tiny_npz data.
+DEFAULTS = dict(dataset="cifar10", method="trades", lam="5", arch="wrn34_10", std_arch="resnet18")
+
+
+def tiny_args(npz, out, *extra):
+    return ["--data-file", npz, "--out", str(out), "--arch", "cnn_small", "--std-arch", "cnn_small",
+            "--epochs", "2", "--batch-size", "16", "--steps", "2", "--eval-steps", "2", "--eval-n", "16",
+            "--device", "cpu", *extra]

@@ -1,22 +1,23 @@
 """exp_ablations.py: each study's --quick --dry-run lists the right runs; the time study runs on CPU;
-standard training and a frozen pre-trained M behave as Tables VII / X need."""
+standard training and a frozen pre-trained M behave as Tables VII / X need; the evidence study's tables."""
 import os
+import statistics
 
 import pytest
 import torch
 
 import common
 import exp_ablations as ab
-from test_runs import DEFAULTS, tiny_args
+from conftest import DEFAULTS, tiny_args
 
 EXPECTED = {
-    "relation": [["--method", "at"], ["--method", "at", "--train", "--relation", "mca"],
-                 ["--method", "at", "--train", "--relation", "rkd"], ["--method", "at", "--train", "--relation", "crd"],
-                 ["--method", "at", "--train"]],
-    "batch-size": [["--train", "--batch-size", b] for b in ("128", "256", "384")],
-    "lambda": [["--train", "--lam", lam] for lam in ("0", "5a", "10a", "20a", "50a")],
-    "beta-sweep": [["--method", "trades", "--beta", str(b)] for b in range(1, 7)],
-    "mobilenet": [["--arch", "mobilenet_v3", "--method", m] + t for m in ("at", "trades") for t in ([], ["--train"])],
+    "relation": [{"method": "at"}, {"method": "at", "train": True, "relation": "mca"},
+                 {"method": "at", "train": True, "relation": "rkd"}, {"method": "at", "train": True, "relation": "crd"},
+                 {"method": "at", "train": True}],
+    "batch-size": [{"train": True, "batch_size": b} for b in (128, 256, 384)],
+    "lambda": [{"train": True, "lam": common.Lambda.parse(lam)} for lam in ("0", "5a", "10a", "20a", "50a")],
+    "beta-sweep": [{"method": "trades", "beta": float(b)} for b in range(1, 7)],
+    "mobilenet": [{"arch": "mobilenet_v3", "method": m, **t} for m in ("at", "trades") for t in ({}, {"train": True})],
 }
 
 
@@ -25,24 +26,38 @@ def test_dry_run_lists_the_runs(study, capsys, tmp_path):
     ab.main(["--study", study, "--quick", "--dry-run", "--runs-dir", str(tmp_path)])
     out = capsys.readouterr().out.splitlines()
     runs = [l for l in out if l.startswith("[missing]")]
-    listed = ab.STUDIES[study](True, lambda a: ab.run_dir_of(a, ["--runs-dir", str(tmp_path)], True))
+    st = ab.Study(["--runs-dir", str(tmp_path)], quick=True)
+    listed = ab.STUDIES[study](True, st.dir_of)
     assert len(runs) == len(listed) and out[0].startswith(f"study {study}: {len(listed)} runs")
-    for line, (_, args, _) in zip(runs, listed):
-        assert " ".join(args + ["--runs-dir"]) in line and "--quick" in line
+    for line, (label, settings, _) in zip(runs, listed):
+        assert line.startswith(f"[missing] {label}: ") and line.endswith(" -> " + st.dir_of(settings))
+        cfg = st.config(settings)
+        assert cfg.quick and cfg.epochs == 2 and cfg.train_n == 1024  # the study's quick scale
+    assert len({st.dir_of(s) for _, s, _ in listed}) == len(listed)  # one folder per run
     if study in EXPECTED:
-        assert [args for _, args, _ in listed] == EXPECTED[study]
+        assert [settings for _, settings, _ in listed] == EXPECTED[study]
     assert not os.listdir(tmp_path)  # a dry run makes nothing
+
+
+def test_study_folders_use_the_run_naming_scheme(tmp_path):
+    st = ab.Study(["--runs-dir", str(tmp_path), "--data-file", "/x/cifar10_small.npz", "--lr", "0.05"], quick=True)
+    assert st.root == os.path.join(str(tmp_path), "ablations_quick_data-file-cifar10_small_lr-0.05")
+    assert os.path.basename(st.dir_of({"method": "at", "train": True, "relation": "mca"})) == "at_relation-mca_train_quick"
+    assert st.config({}).lr == 0.05  # passed-through flags reach every run ...
+    assert st.config({"lr": 0.2}).lr == 0.2  # ... and a study's own setting wins over them
+    with pytest.raises(common.UserError, match="--resume cannot be passed"):
+        ab.Study(["--resume"])
 
 
 def test_study_specific_runs():
     small, large = ab.backbones(quick=False)
     assert (small, large) == ("resnet18", "wrn34_10")
     runs = ab.study_std_backbone(False, None)
-    assert [a for _, a, _ in runs] == [["--method", "standard", "--arch", "resnet18"], ["--train", "--std-arch", "resnet18"],
-                                      ["--method", "standard", "--arch", "wrn34_10"], ["--train", "--std-arch", "wrn34_10"]]
-    runs = ab.study_pretrained_std(False, lambda a: "/runs/" + ab.slug(a))
+    assert [s for _, s, _ in runs] == [{"method": "standard", "arch": "resnet18"}, {"train": True, "std_arch": "resnet18"},
+                                      {"method": "standard", "arch": "wrn34_10"}, {"train": True, "std_arch": "wrn34_10"}]
+    runs = ab.study_pretrained_std(False, lambda s: "/runs/" + "_".join(f"{k}-{v}" for k, v in s.items()))
     star = runs[2][1]
-    assert star[star.index("--std-ckpt") + 1] == "/runs/method-standard_arch-resnet18/last.pt" and "--freeze-std" in star
+    assert star["std_ckpt"] == "/runs/method-standard_arch-resnet18/last.pt" and star["freeze_std"]
 
 
 def test_time_study_runs_on_cpu(capsys):
@@ -72,15 +87,17 @@ def test_standard_method_and_frozen_pretrained_std(tiny_npz, tmp_path):
     assert e.value.code == 2
 
 
+TINY_STUDY = {**ab.STUDY_QUICK, "batch_size": 16, "steps": 1, "eval_steps": 1}
+
+
 def test_study_refuses_a_folder_with_other_settings(tiny_npz, tmp_path, monkeypatch):
-    monkeypatch.setattr(ab, "QUICK_ARGS", ab.QUICK_ARGS + ["--batch-size", "16", "--steps", "1", "--eval-steps", "1"])
+    monkeypatch.setattr(ab, "STUDY_QUICK", TINY_STUDY)
     args = ["--data-file", tiny_npz, "--device", "cpu", "--runs-dir", str(tmp_path)]
     ab.main(["--study", "lambda", "--quick", "--dry-run"] + args)  # nothing yet: fine
-    run_dir = ab.run_dir_of(["--train", "--lam", "0"], args, True)
-    os.makedirs(run_dir)
-    common.main(DEFAULTS, ["--train", "--lam", "0", "--out", run_dir, "--epochs", "1", "--batch-size", "16", "--steps", "1",
-                           "--eval-steps", "1"] + args + ["--quick"])  # 1 epoch, the study wants 2
-    with pytest.raises(common.UserError, match="other settings"):
+    st = ab.Study(args, quick=True)
+    settings = {"train": True, "lam": common.Lambda.parse("0")}
+    common.run(ab.Study(args + ["--epochs", "1"], quick=True).config(settings), st.dir_of(settings))  # 1 epoch, not 2
+    with pytest.raises(common.UserError, match=r"other settings \(epochs\)"):
         ab.main(["--study", "lambda", "--quick", "--dry-run"] + args)
 
 
@@ -92,23 +109,73 @@ def test_a_diverged_run_keeps_its_row_and_the_study_goes_on(tiny_npz, tmp_path, 
         terms["ce_adv"] = terms["ce_adv"] * float("nan")
         return terms
     monkeypatch.setitem(common.BASE_METHODS, "nanat", common.Method(real.attack, nan_loss))
-    monkeypatch.setitem(ab.STUDIES, "toy", lambda quick, dir_of: [("diverges", ["--method", "nanat"], "nat"),
-                                                                  ("fine", ["--method", "at"], "nat")])
-    monkeypatch.setattr(ab, "QUICK_ARGS", ab.QUICK_ARGS + ["--batch-size", "16", "--steps", "1", "--eval-steps", "1",
-                                                           "--epochs", "1", "--milestones", "1"])
+    monkeypatch.setitem(ab.STUDIES, "toy", lambda quick, dir_of: [("diverges", {"method": "nanat"}, ["nat"]),
+                                                                  ("fine", {"method": "at"}, ["nat"])])
+    monkeypatch.setattr(ab, "STUDY_QUICK", {**TINY_STUDY, "epochs": 1, "milestones": [1]})
     args = ["--data-file", tiny_npz, "--device", "cpu", "--runs-dir", str(tmp_path)]
-    fine_ckpt = os.path.join(ab.run_dir_of(["--method", "at"], args, True), "last.pt")
+    st = ab.Study(args, quick=True)
+    fine_ckpt = os.path.join(st.dir_of({"method": "at"}), "last.pt")
     for attempt in range(2):  # the second time: the diverged run is tried again, the finished one reused
-        with pytest.raises(SystemExit) as e:
+        with pytest.raises(ab.StudyFailed, match="1 of 2 runs failed"):
             ab.main(["--study", "toy", "--quick"] + args)
-        assert e.value.code == 1
         if attempt == 0:
             first_mtime = os.path.getmtime(fine_ckpt)
     assert os.path.getmtime(fine_ckpt) == first_mtime
-    with open(os.path.join(ab.study_root(args, True), "toy.md")) as fh:
+    with open(os.path.join(st.root, "toy.md")) as fh:
         lines = fh.read().splitlines()
     assert lines[2] == "| diverges | diverged | - | - | - |"
     assert lines[3].startswith("| fine | ") and "diverged" not in lines[3] and len(lines) == 4
-    with open(os.path.join(ab.run_dir_of(["--method", "nanat"], args, True), "log.txt")) as fh:
+    with open(os.path.join(st.dir_of({"method": "nanat"}), "log.txt")) as fh:
         text = fh.read()
     assert "diverged: non-finite loss in epoch 1" in text and "no checkpoint was written yet" in text
+
+
+# ------------------------------------------------------------------------------ the evidence study
+def fake_eval(rng, with_std):
+    r = {"natural": rng.uniform(0.3, 0.7), "pgd": rng.uniform(0.1, 0.4), "cw": rng.uniform(0.1, 0.4),
+         "aa": rng.uniform(0.1, 0.4), "knn": {"natural": {"30": rng.uniform(0.3, 0.7)}, "robust": {"30": rng.uniform(0.1, 0.4)}}}
+    if with_std:
+        r.update(test_ltp=rng.uniform(0.1, 2.0), std_natural=rng.uniform(0.5, 0.8))
+    return r
+
+
+def cells(table, first):
+    """The cells of the row whose first cell is `first` (the first such row)."""
+    row = next(l for l in table.splitlines() if l.startswith(f"| {first} |"))
+    return [c.strip() for c in row.strip("|").split("|")]
+
+
+def test_evidence_tables_against_hand_computation():
+    import random
+    rng = random.Random()  # fresh numbers on every run
+    results = {k: {s: fake_eval(rng, k.endswith("train")) for s in (1, 2, 3)} for k in ("at", "at_train", "trades")}
+    del results["trades"][3]  # a missing seed is left out, not faked
+    table = ab.evidence_tables(results)
+    at = cells(table, "AT")
+    nat = [100 * results["at"][s]["natural"] for s in (1, 2, 3)]
+    assert at[1] == "3" and at[2] == f"{statistics.mean(nat):.2f} ± {statistics.stdev(nat):.2f}"
+    assert at[-2:] == ["-", "-"]  # no M, so no test L_TP and no M accuracy
+    ltp = [results["at_train"][s]["test_ltp"] for s in (1, 2, 3)]
+    assert cells(table, "AT + TRAIN")[-2] == f"{statistics.mean(ltp):.2f} ± {statistics.stdev(ltp):.2f}"
+    assert cells(table, "TRADES")[1] == "2"
+    gain = cells(table, "AT + TRAIN vs AT")
+    diffs = [100 * (results["at_train"][s]["pgd"] - results["at"][s]["pgd"]) for s in (1, 2, 3)]
+    assert gain[1] == "3" and gain[3] == (f"{statistics.mean(diffs):.2f} ± {statistics.stdev(diffs):.2f} "
+                                          f"({sum(d > 0 for d in diffs)}/3)")
+    knn_diffs = [100 * (results["at_train"][s]["knn"]["robust"]["30"] - results["at"][s]["knn"]["robust"]["30"])
+                 for s in (1, 2, 3)]
+    assert gain[7].startswith(f"{statistics.mean(knn_diffs):.2f} ± ")
+    paired = [l for l in table.splitlines() if l.startswith("| AT + TRAIN vs AT | ")]
+    assert len(paired) == 4  # the gain row + one row per seed
+    assert f"| 2 | {100 * results['at'][2]['natural']:.2f} → {100 * results['at_train'][2]['natural']:.2f} |" in paired[2]
+    assert "TRADES + TRAIN vs" not in table  # no pair without both sides
+
+
+def test_evidence_dry_run_lists_both_scales(capsys, tmp_path):
+    ab.main(["--study", "evidence", "--dry-run", "--runs-dir", str(tmp_path)])
+    out = capsys.readouterr().out.splitlines()
+    n = len(ab.EVIDENCE_CONFIGS) * len(ab.EVIDENCE_SEEDS)
+    assert len(out) == 2 * n
+    assert all("M'=cnn6" in l and "PGD-3" in l for l in out if l.startswith("[cpu]"))
+    assert sum(l.startswith("[gpu]") and "M'=preact_resnet18 M=resnet18" in l and "PGD-10" in l for l in out) == n
+    assert not os.listdir(tmp_path)

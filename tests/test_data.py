@@ -29,8 +29,7 @@ def write_cifar100(root, rng, n_train=12, n_test=5):
 
 
 def cfg_for(*argv):
-    cfg, _ = common.parse_args(DEFAULTS, list(argv))
-    return cfg
+    return common.make_config(DEFAULTS, common.parse_flags(DEFAULTS, list(argv)))
 
 
 def test_cifar100_folder_loads_like_the_npz_path(tmp_path, monkeypatch):

@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 
 import common
-from test_runs import DEFAULTS, tiny_args
+from conftest import DEFAULTS, tiny_args
 
 
 class ChannelMeans(nn.Module):
@@ -114,10 +114,10 @@ def test_sanity_checks_fire_on_gradient_masked_model():
     x, y = channel_data(n=60, margin=0.3)
     res, warnings = {"sanity": {}}, []
     opts = argparse.Namespace(eval_step_size=0.003, eval_steps=5)
-    common.sanity_checks(ChannelMeans(round_input=True).eval(), x, y, 0.031, opts, res, warnings.append)
+    common.sanity_checks(ChannelMeans(round_input=True).eval(), x, y, opts, res, warnings.append)
     assert any("gradient masking" in w for w in warnings)
     res, warnings = {"sanity": {}}, []
-    common.sanity_checks(ChannelMeans().eval(), x, y, 0.031, opts, res, warnings.append)
+    common.sanity_checks(ChannelMeans().eval(), x, y, opts, res, warnings.append)
     assert warnings == [] and res["sanity"]["pgd_eps0.5_acc"] < 0.1
 
 
@@ -135,7 +135,7 @@ def test_sanity_eps0_detects_a_random_model():
             return super().forward(x + 0.5 * torch.randn_like(x), return_features)
     x, y = channel_data(n=60, margin=0.02)
     with pytest.raises(common.SanityError, match="eps=0"):
-        common.sanity_checks(Noisy().eval(), x, y, 0.031, argparse.Namespace(eval_step_size=0.003, eval_steps=2),
+        common.sanity_checks(Noisy().eval(), x, y, argparse.Namespace(eval_step_size=0.003, eval_steps=2),
                              {"sanity": {}}, print)
 
 

@@ -5,7 +5,6 @@ import math
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
 import common
 
@@ -39,10 +38,10 @@ def test_mart_matches_formula():
 
 def cfg_for(method, **kw):
     """The CLI's defaults (every field the code reads), with small attacks and the given overrides."""
-    cfg, _ = common.parse_args(dict(dataset="cifar10"), ["--device", "cpu"])
+    cfg = common.make_config(dict(dataset="cifar10"), {"device": "cpu"})
     cfg.method, cfg.steps, cfg.tp_impl = method, 2, "torch"
     for k, v in kw.items():
-        setattr(cfg, k, v)
+        setattr(cfg, k, common.Lambda.parse(v) if k == "lam" else v)
     return cfg
 
 
@@ -53,41 +52,36 @@ def test_alp_terms_hand_case():
             return (f, f) if return_features else f
     x = torch.zeros(2, 3, 4, 4)
     y = torch.tensor([0, 1])
-    s = common.StepState(Fixed(), None, x, y)
-    s.x_adv = torch.full_like(x, 0.5)
-    s_terms = {"ce_nat": 0.5 * math.log(3), "ce_adv": 0.5 * math.log(3), "alp_pair": 0.5 * 0.25}
-    # bypass the attack: ALP's loss given x' (logits 0 on x, 0.5 on x')
-    z_nat, z_adv = s.nat_out()[1], s.adv_out()[1]
-    got = {"ce_nat": 0.5 * F.cross_entropy(z_nat, y), "ce_adv": 0.5 * F.cross_entropy(z_adv, y),
-           "alp_pair": 0.5 * F.mse_loss(z_adv, z_nat)}
-    for k, v in s_terms.items():
-        assert got[k].item() == pytest.approx(v, rel=1e-6)
-    # and the method itself produces exactly these three names
-    s2 = common.StepState(Fixed(), None, x, y)
-    s2.x_adv = s.x_adv
-    terms = common.BASE_METHODS["alp"].loss(s2, cfg_for("alp"))
-    assert set(terms) == set(s_terms)
+    # bypass the attack: ALP's loss given x' (logits 0 on x, 0.5 on x'); 3 logits per sample, so
+    # CE = log 3 on both, and the squared logit gap is 0.25 everywhere
+    s = common.StepState(Fixed(), x, y, torch.full_like(x, 0.5))
+    want = {"ce_nat": 0.5 * math.log(3), "ce_adv": 0.5 * math.log(3), "alp_pair": 0.7 * 0.25}
+    terms = common.BASE_METHODS["alp"].loss(s, cfg_for("alp", alp_weight=0.7))
+    assert set(terms) == set(want)
+    for k, v in want.items():
+        assert terms[k].item() == pytest.approx(v, rel=1e-6), k
 
 
 @pytest.mark.parametrize("text,want", [("5", (5.0, False)), ("20a", (20.0, True)), ("0", (0.0, False)),
                                        ("2.5a", (2.5, True))])
 def test_parse_lam(text, want):
-    assert common.parse_lam(text) == want
+    lam = common.Lambda.parse(text)
+    assert (lam.c, lam.ramped) == want and str(lam) == text
 
 
 @pytest.mark.parametrize("bad", ["abc", "a", "-1", "5b", "nan", ""])
 def test_parse_lam_rejects(bad):
     with pytest.raises(ValueError):
-        common.parse_lam(bad)
+        common.Lambda.parse(bad)
 
 
 def test_lambda_schedule():
     cfg = cfg_for("trades", lam="20a", epochs=100)
     for t in (1, 10, 50, 100):
         a = 2 / (1 + math.exp(-10 * t / 100)) - 1
-        assert common.lam_at(cfg, t) == pytest.approx((a, 20 * a))
-    assert common.lam_at(cfg_for("at", lam="5"), 3) == (1.0, 5.0)
-    assert common.lam_at(cfg, 100)[0] == pytest.approx(0.99991, abs=1e-5)
+        assert cfg.lam.at(t, cfg.epochs) == pytest.approx((a, 20 * a))
+    assert cfg_for("at", lam="5").lam.at(3, 100) == (1.0, 5.0)
+    assert cfg.lam.at(100, 100)[0] == pytest.approx(0.99991, abs=1e-5)
 
 
 def test_lr_schedule():
@@ -110,14 +104,14 @@ def test_one_step_every_method(method, train, lbgat):
     cfg = cfg_for(method, train=train, lbgat=lbgat, lr=0.05, momentum=0.9, wd=2e-4)
     cfg.std_arch = cfg.arch = "cnn_small"
     models = common.build_models(cfg, 4, torch.device("cpu"))
-    assert ("std" in models) == (train or lbgat)
-    opts = {k: common.make_optimizer(m, cfg) for k, m in models.items()}
-    snaps = {k: snapshot(m) for k, m in models.items()}
+    assert (models.std is not None) == (train or lbgat)
+    opts = common.build_optimizers(models, cfg)
+    snaps = {k: snapshot(m) for k, m in models.saved().items()}
     x, y = torch.rand(8, 3, 16, 16), torch.randint(0, 4, (8,))
     terms = common.train_step(models, opts, x, y, cfg, epoch=1)
-    assert ("tp" in terms) == train and ("lbgat_mse" in terms) == lbgat and ("ce_std" in terms) == ("std" in models)
+    assert ("tp" in terms) == train and ("lbgat_mse" in terms) == lbgat and ("ce_std" in terms) == (models.std is not None)
     assert all(torch.isfinite(v) for v in terms.values())
-    for k, m in models.items():
+    for k, m in models.saved().items():
         assert changed(m, snaps[k]), f"{k} model did not change"
 
 
@@ -135,9 +129,7 @@ def test_tp_updates_adversarial_model_only_and_lbgat_both():
     x, y = torch.rand(8, 3, 16, 16), torch.randint(0, 4, (8,))
 
     def state():
-        s = common.StepState(models["adv"], models["std"], x, y)
-        s.x_adv = x + 0.01
-        return s
+        return common.StepState(models["adv"], x, y, x + 0.01, models["std"])
     g = grads_after(lambda: common.plugin_train(state(), cfg, 1)["tp"], models)
     assert all(gr is None for gr in g["std"]) and any(gr is not None and gr.abs().sum() > 0 for gr in g["adv"])
     g = grads_after(lambda: common.plugin_lbgat(state(), cfg, 1)["lbgat_mse"], models)
@@ -148,8 +140,7 @@ def test_tp_input_nat_uses_natural_features():
     torch.manual_seed(0)
     models = {k: common.CNNSmall(4, width=8) for k in ("adv", "std")}
     x, y = torch.rand(8, 3, 16, 16), torch.randint(0, 4, (8,))
-    s = common.StepState(models["adv"], models["std"], x, y)
-    s.x_adv = (x + 0.2).clamp(0, 1)
+    s = common.StepState(models["adv"], x, y, (x + 0.2).clamp(0, 1), models["std"])
     adv = common.plugin_train(s, cfg_for("at", tp_input="adv"), 1)["tp"]
     nat = common.plugin_train(s, cfg_for("at", tp_input="nat"), 1)["tp"]
     want = 5 * common.topology_loss(s.std_out()[0].detach(), s.nat_out()[0])
@@ -163,16 +154,16 @@ def test_one_step_relations_and_awp(relation, awp):
     cfg = cfg_for("trades", train=True, relation=relation, awp=awp, awp_warmup=0, lr=0.05)
     cfg.std_arch = cfg.arch = "cnn_small"
     models = common.build_models(cfg, 4, torch.device("cpu"))
-    assert ("std" in models) == (relation != "mca") and ("heads" in models) == (relation == "crd")
-    assert ("_awp_proxy" in models) == awp
+    assert (models.std is not None) == (relation != "mca") and (models.heads is not None) == (relation == "crd")
+    assert (models.awp is not None) == awp
     opts = common.build_optimizers(models, cfg)
-    snaps = {k: snapshot(m) for k, m in models.items()}
+    assert set(opts) == set(models.saved())  # one optimiser per saved model; AWP's proxy has its own
+    snaps = {k: snapshot(m) for k, m in models.saved().items()}
     x, y = torch.rand(8, 3, 16, 16), torch.randint(0, 4, (8,))
     terms = common.train_step(models, opts, x, y, cfg, epoch=1)
     assert relation in terms and all(torch.isfinite(v) for v in terms.values())
-    for k, m in models.items():
-        if not k.startswith("_"):
-            assert changed(m, snaps[k]), k
+    for k, m in models.saved().items():
+        assert changed(m, snaps[k]), k
 
 
 def test_awp_step_equals_step_at_perturbed_weights_then_restored(monkeypatch):
@@ -181,11 +172,10 @@ def test_awp_step_equals_step_at_perturbed_weights_then_restored(monkeypatch):
     cfg = cfg_for("at", awp=True, awp_warmup=0, awp_gamma=0.01, lr=0.1, momentum=0.0, wd=0.0, steps=0, eps=0.0)
     cfg.arch = "cnn_small"
     models = common.build_models(cfg, 4, torch.device("cpu"))
-    for m in models.values():
-        m.eval()  # no BN statistics drift, so the two paths can be compared exactly-ish
+    models.adv.eval()  # no BN statistics drift, so the two paths can be compared exactly-ish
     opts = common.build_optimizers(models, cfg)
     x, y = torch.rand(8, 3, 16, 16), torch.randint(0, 4, (8,))
-    w0 = {k: v.clone() for k, v in models["adv"].state_dict().items()}
+    w0 = {k: v.clone() for k, v in models.adv.state_dict().items()}
     captured = {}
     real = common.awp_diff
 
@@ -203,5 +193,5 @@ def test_awp_step_equals_step_at_perturbed_weights_then_restored(monkeypatch):
         for n, p in ref.named_parameters():
             p -= 0.1 * p.grad
     common.add_into_weights(ref, captured["diff"], -0.01)
-    for n, p in models["adv"].named_parameters():
+    for n, p in models.adv.named_parameters():
         assert torch.allclose(p, dict(ref.named_parameters())[n], atol=1e-6), n

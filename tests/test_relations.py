@@ -19,8 +19,7 @@ def step_state(heads=None, seed=0, n=6):
     adv, std = common.CNNSmall(4, width=8), common.CNNSmall(4, width=8)
     x = torch.rand(n, 3, 8, 8)
     y = torch.tensor([0, 1, 2, 0, 1, 3][:n])
-    s = common.StepState(adv, std, x, y, heads=heads)
-    s.x_adv = (x + 0.03 * torch.randn_like(x)).clamp(0, 1)
+    s = common.StepState(adv, x, y, (x + 0.03 * torch.randn_like(x)).clamp(0, 1), std, heads=heads)
     return s, adv, std
 
 
@@ -112,7 +111,8 @@ def test_relation_crd_grads_heads_and_adv_only():
     assert loss.dim() == 0 and torch.isfinite(loss)
     assert_grads_to_adv_only(s, adv, std, loss)
     assert all(p.grad is not None for p in heads.parameters())  # both heads are trained
-    assert common.RELATION_HEADS == {"crd": common.CRDHeads}
+    assert {k for k, r in common.RELATION_LOSSES.items() if r.heads is not None} == {"crd"}
+    assert common.RELATION_LOSSES["crd"].heads is common.CRDHeads
 
 
 def np_supcon(f, y, t):
@@ -155,7 +155,7 @@ def test_relation_mca_uses_both_views_and_no_std():
     f = torch.cat([s.nat_out()[0], s.adv_out()[0]])
     assert torch.allclose(loss, common.supcon_loss(f, torch.cat([s.y, s.y]), 0.1))
     assert_grads_to_adv_only(s, adv, std, loss)
-    assert common.RELATION_WITHOUT_STD == {"mca"}
+    assert {k for k, r in common.RELATION_LOSSES.items() if not r.needs_std} == {"mca"}
 
 
 # ------------------------------------------------------------------------------ AWP

@@ -3,21 +3,14 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import fields
 
 import numpy as np
 import pytest
 import torch
 
 import common
-from conftest import ROOT
-
-DEFAULTS = dict(dataset="cifar10", method="trades", lam="5", arch="wrn34_10", std_arch="resnet18")
-
-
-def tiny_args(npz, out, *extra):
-    return ["--data-file", npz, "--out", str(out), "--arch", "cnn_small", "--std-arch", "cnn_small",
-            "--epochs", "2", "--batch-size", "16", "--steps", "2", "--eval-steps", "2", "--eval-n", "16",
-            "--device", "cpu", *extra]
+from conftest import DEFAULTS, ROOT, tiny_args
 
 
 def run(argv):
@@ -58,7 +51,9 @@ def test_resume_reproduces_uninterrupted_run(tiny_npz, tmp_path, monkeypatch, st
             common.StopFlag.requested = True
         return real_step(*a, **kw)
     monkeypatch.setattr(common, "train_step", interrupting_step)
-    run(tiny_args(tiny_npz, tmp_path / "cut", *extra))
+    with pytest.raises(SystemExit) as e:  # an interrupted run exits 130, as a shell does after Ctrl-C
+        run(tiny_args(tiny_npz, tmp_path / "cut", *extra))
+    assert e.value.code == 130
     progress = weights(tmp_path / "cut")[2]
     assert (progress["epoch"], progress["step"]) == ((0, 3) if stop_after == 3 else (1, 0))
     monkeypatch.setattr(common, "train_step", real_step)
@@ -158,3 +153,57 @@ def test_npz_schema_errors(tmp_path):
              y_test=np.zeros(2))
     with pytest.raises(common.UserError, match="uint8 NHWC"):
         common.load_npz(str(bad2))
+
+
+LEGACY = os.path.join(ROOT, "tests", "fixtures", "legacy_run")  # made by the code of 2026-11-30 (before Config)
+LEGACY_ARGS = ("--arch", "cnn_small", "--std-arch", "cnn_small", "--epochs", "2", "--batch-size", "16", "--steps", "1",
+               "--eval-steps", "1", "--eval-n", "16", "--method", "trades", "--train", "--lam", "20a")
+
+
+def test_a_run_folder_of_the_first_release_resumes_exactly_and_evaluates(tiny_npz, tmp_path):
+    """The fixture stopped after epoch 1 of 2 (tiny_npz's data, same generator). Resumed by today's
+    code, it must end exactly where today's code gets in one go."""
+    old = tmp_path / "old"
+    import shutil
+    shutil.copytree(LEGACY, old)
+    assert json.load(open(old / "config.json"))["config"]["_data_file_given"]  # really the old format
+    run(["--data-file", tiny_npz, "--out", str(old), "--device", "cpu", "--resume"])
+    fresh = tmp_path / "fresh"
+    run(["--data-file", tiny_npz, "--out", str(fresh), "--device", "cpu", *LEGACY_ARGS])
+    (m_old, o_old, p_old), (m_new, o_new, p_new) = weights(old), weights(fresh)
+    assert p_old["epoch"] == p_new["epoch"] == 2
+    for k in m_new:
+        for name, v in m_new[k].items():
+            assert torch.equal(v, m_old[k][name]), f"{k}.{name}"
+    assert set(o_old) == set(o_new) == {"adv", "std"}
+    for k in o_new:  # SGD momentum buffers too
+        for i, st in o_new[k]["state"].items():
+            assert torch.equal(st["momentum_buffer"], o_old[k]["state"][i]["momentum_buffer"]), f"{k} param {i}"
+    drop = lambda r: {k: v for k, v in r.items() if k != "seconds"}
+    rows_old = [drop(json.loads(l)) for l in open(old / "metrics.jsonl")]
+    assert rows_old == [drop(json.loads(l)) for l in open(fresh / "metrics.jsonl")]
+    run(["--eval", str(old / "last.pt"), "--data-file", tiny_npz, "--device", "cpu", "--metrics", "nat,pgd,tp",
+         "--eval-steps", "2"])
+    res = json.load(open(old / "eval.json"))
+    assert res["epoch"] == 2 and 0 <= res["natural"] <= 1 and res["eps"] == pytest.approx(0.031)
+    assert "test_ltp" in res and "std_natural" in res
+
+
+def test_help_shows_every_flag_with_help_and_default():
+    r = cli("--help")
+    assert r.returncode == 0
+    text = " ".join(r.stdout.split())
+    for f in [*fields(common.Config), *fields(common.EvalConfig), *fields(common.Actions)]:
+        flag = "--" + f.name.replace("_", "-")
+        assert flag in text, flag
+    assert text.count("(default: ") >= len({f.name for f in fields(common.Config)})
+    assert "--lam LAM" in text and "(default: 5)" in text and "(default: wrn34_10)" in text
+
+
+def test_resume_refuses_flags_that_change_the_run(tiny_npz, tmp_path):
+    out = tmp_path / "r"
+    run(tiny_args(tiny_npz, out, "--method", "at", "--epochs", "1"))
+    r = cli("--data-file", tiny_npz, "--out", str(out), "--device", "cpu", "--resume", "--lr", "0.05")
+    assert r.returncode == 2 and "--lr 0.05 would change the run" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    r = cli("--eval", str(out / "last.pt"), "--arch", "resnet18")
+    assert r.returncode == 2 and "--arch cannot apply" in r.stderr
