@@ -14,6 +14,7 @@ Experiment scripts (exp_*.py) hold the paper's settings and call `main(defaults)
 Inputs are in [0, 1] everywhere; no normalisation happens outside the models.
 """
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -543,17 +544,24 @@ def cw_margin(y, kappa=50.0):
 
 
 class eval_mode:
-    """Context: model.eval() inside (attacks craft against the inference-mode model), mode restored after."""
+    """Context: model.eval() and its parameters frozen inside (attacks craft against the inference-mode
+    model and need input gradients only: a compiled backward that also computes weight gradients was
+    2.2x slower on the CPU), mode and requires_grad restored after."""
 
     def __init__(self, model):
         self.model = model
 
     def __enter__(self):
         self.was_training = self.model.training
+        self.frozen = [p for p in self.model.parameters() if p.requires_grad]
+        for p in self.frozen:
+            p.requires_grad_(False)
         self.model.eval()
 
     def __exit__(self, *exc):
         self.model.train(self.was_training)
+        for p in self.frozen:
+            p.requires_grad_(True)
 
 
 def pgd(model, x, loss_fn, eps, step_size, steps, start="uniform"):
@@ -601,15 +609,18 @@ class StepState:
     """What one training step knows; forward passes are computed once and shared by all terms.
     M (model_std) runs without gradients when it is not trained (a frozen pre-trained M)."""
 
-    def __init__(self, model_adv, x, y, x_adv, model_std=None, std_trainable=True, heads=None):
+    def __init__(self, model_adv, x, y, x_adv, model_std=None, std_trainable=True, heads=None, amp=contextlib.nullcontext):
         self.model_adv, self.model_std, self.x, self.y, self.x_adv = model_adv, model_std, x, y, x_adv
         self.std_trainable = std_trainable
         self.heads = heads  # trainable heads of a relation loss (e.g. CRD's projections), else None
+        self.amp = amp  # context of the forward passes (--amp: autocast); the losses always run in fp32
         self._cache = {}
 
     def _once(self, key, fn):
         if key not in self._cache:
-            self._cache[key] = fn()
+            with self.amp():
+                out = fn()
+            self._cache[key] = tuple(t.float() for t in out)
         return self._cache[key]
 
     def adv_out(self):
@@ -983,31 +994,69 @@ def build_optimizers(models, cfg):
     return {k: make_optimizer(m, cfg) for k, m in models.trained().items()}
 
 
-def train_step(models, opts, x, y, cfg, epoch):
+AMP_DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def amp_context(cfg, device_type):
+    """--amp: a factory of the autocast context of training's forward passes (attack included)."""
+    dtype = AMP_DTYPES[cfg.amp]
+    if dtype is None:
+        return contextlib.nullcontext
+    return lambda: torch.autocast(device_type, dtype=dtype)
+
+
+def train_step(models, opts, x, y, cfg, epoch, scaler=None):
     """One step of Algorithm 1: attack, forward, all loss terms, one backward, every optimiser.
-    Returns the detached terms."""
+    Returns the detached terms; a non-finite one is the caller's to notice (check_finite), so the
+    step never waits for the device. scaler: fp16's GradScaler, else None."""
     method = BASE_METHODS[cfg.method]
-    x_adv = method.attack(models.adv, x, y, cfg)
+    amp = amp_context(cfg, x.device.type)
+    with amp():
+        x_adv = method.attack(models.adv, x, y, cfg)
     if models.awp is not None:
         models.awp.perturb(models.adv, method, x, y, x_adv, cfg, epoch)
-    s = StepState(models.adv, x, y, x_adv, models.std, std_trainable=not models.std_frozen, heads=models.heads)
+    s = StepState(models.adv, x, y, x_adv, models.std, std_trainable=not models.std_frozen, heads=models.heads, amp=amp)
     terms = method.loss(s, cfg)
     for name in active_plugins(cfg):
         terms.update(PLUGINS[name](s, cfg, epoch))
     if "std" in models.trained():
         terms["ce_std"] = F.cross_entropy(s.std_out()[1], y)  # M learns from natural images only
     total = sum(terms.values())
-    if not torch.isfinite(total):
-        bad = [k for k, v in terms.items() if not torch.isfinite(v)]
-        raise Diverged(f"non-finite loss in epoch {epoch} (terms {bad}); lower --lr or --lam")
     for o in opts.values():
         o.zero_grad(set_to_none=True)
-    total.backward()
+    (scaler.scale(total) if scaler else total).backward()
     for o in opts.values():
-        o.step()
+        scaler.step(o) if scaler else o.step()
+    if scaler:
+        scaler.update()
     if models.awp is not None:  # as in AWP's code: the step is taken at the perturbed point, then undone
         models.awp.restore(models.adv)
     return {k: v.detach() for k, v in terms.items()}
+
+
+def check_finite(sums, epoch):
+    """Diverged if a loss term was NaN/inf in any step summed so far (NaN and inf survive summing);
+    one read of the device, done every CHECK_EVERY steps and before every checkpoint."""
+    values = torch.stack([v for v in sums.values()])
+    if not bool(torch.isfinite(values).all()):
+        bad = [k for k, v in sums.items() if not torch.isfinite(v)]
+        raise Diverged(f"non-finite loss in epoch {epoch} (terms {bad}); lower --lr or --lam")
+
+
+CHECK_EVERY = 20  # steps between two reads of the loss sums (each read waits for the device)
+
+
+def accelerate(models, cfg):
+    """The fast-path settings that touch the models: channels_last, torch.compile (nn.Module.compile:
+    state_dict keys unchanged), cudnn.benchmark."""
+    if cfg.cudnn_benchmark and torch.device(cfg.device).type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    for m in models.trained().values():
+        if cfg.channels_last:
+            m.to(memory_format=torch.channels_last)
+        if cfg.compile and m is not models.heads:
+            m.compile()
+    return models
 
 
 def epoch_eval(models, data, cfg, epoch):
@@ -1044,11 +1093,13 @@ def seed_everything(seed):
     torch.manual_seed(seed)
 
 
-def save_checkpoint(path, models, opts, progress, cfg):
+def save_checkpoint(path, models, opts, progress, cfg, scaler=None):
     """Atomic: write a temp file next to the target, then os.replace."""
     state = {"models": {k: m.state_dict() for k, m in models.saved().items()},
              "optimizers": {k: o.state_dict() for k, o in opts.items()},
              "progress": progress, "rng": rng_states(), "config": cfg.to_dict()}
+    if scaler is not None:
+        state["scaler"] = scaler.state_dict()
     tmp = f"{path}.tmp{os.getpid()}"
     torch.save(state, tmp)
     os.replace(tmp, path)
@@ -1075,6 +1126,18 @@ def load_std_checkpoint(models, cfg, device):
         load_model_state(models.std, ck["models"][key])
     except RuntimeError as e:
         raise UserError(f"--std-ckpt {cfg.std_ckpt} does not fit --std-arch {cfg.std_arch}: {str(e).splitlines()[0]}")
+
+
+@contextlib.contextmanager
+def diverged_note(run_dir, last):
+    """A Diverged run says which checkpoint is the last good one, on record in log.txt (main prints it)."""
+    try:
+        yield
+    except Diverged as e:
+        kept = f"the last good checkpoint is {last}" if os.path.isfile(last) else "no checkpoint was written yet"
+        with open(os.path.join(run_dir, "log.txt"), "a") as fh:
+            fh.write(f"diverged: {e}; {kept}\n")
+        raise Diverged(f"{e}; {kept}") from None
 
 
 class Interrupted(Exception):
@@ -1126,6 +1189,7 @@ def train(cfg, run_dir, data, resume=False, log=print):
     if cfg.std_ckpt:
         load_std_checkpoint(models, cfg, device)
     opts = build_optimizers(models, cfg)
+    scaler = torch.amp.GradScaler(device.type) if cfg.amp == "fp16" else None
     progress = {"epoch": 0, "step": 0, "sums": {}, "best": -1.0}
     last, best = os.path.join(run_dir, "last.pt"), os.path.join(run_dir, "best.pt")
     if resume:
@@ -1134,12 +1198,16 @@ def train(cfg, run_dir, data, resume=False, log=print):
             load_model_state(m, ck["models"][k])
         for k, o in opts.items():
             o.load_state_dict(ck["optimizers"][k])
+        if scaler is not None and ck.get("scaler"):
+            scaler.load_state_dict(ck["scaler"])
         progress = ck["progress"]
         set_rng_states(ck["rng"])
         log(f"resumed from {last}: epoch {progress['epoch']} done, {progress['step']} steps into the next")
     n_batches = len(data.x_train) // cfg.batch_size  # drop the last incomplete batch (L_TP needs N >= 2)
     if n_batches == 0:
         raise UserError(f"the training set ({len(data.x_train)} images) is smaller than one batch ({cfg.batch_size})")
+    accelerate(models, cfg)
+    save = lambda path, progress: save_checkpoint(path, models, opts, progress, cfg, scaler)
     log(f"{cfg.method}{''.join(' +' + p for p in active_plugins(cfg))}: M'={cfg.arch}"
         + (f", M={cfg.std_arch}" if models.std is not None else "") + f", {len(data.x_train)} train / "
         f"{len(data.x_test)} test images, {data.num_classes} classes, eps {cfg.eps:.4f}, device {device}")
@@ -1152,29 +1220,33 @@ def train(cfg, run_dir, data, resume=False, log=print):
                 for g in o.param_groups:
                     g["lr"] = lr
             models.set_train_mode()
-            perm, offsets, flips = epoch_plan(len(data.x_train), cfg.seed, epoch)
-            sums = {k: v for k, v in progress["sums"].items() if k != "_seconds"}
+            # the epoch's plan and the loss sums live on the device: no host sync inside the step loop
+            perm, offsets, flips = (t.to(device) for t in epoch_plan(len(data.x_train), cfg.seed, epoch))
+            sums = {k: torch.tensor(v, dtype=torch.float64, device=device)
+                    for k, v in progress["sums"].items() if k != "_seconds"}
             bar = tqdm(range(progress["step"], n_batches), desc=f"epoch {epoch}", leave=False, disable=None)
-            for b in bar:
-                idx = perm[b * cfg.batch_size:(b + 1) * cfg.batch_size]
-                x = augment(data.x_train[idx.to(device)], offsets[idx], flips[idx])
-                try:
-                    terms = train_step(models, opts, x, data.y_train[idx.to(device)], cfg, epoch)
-                except Diverged as e:
-                    kept = f"the last good checkpoint is {last}" if os.path.isfile(last) else "no checkpoint was written yet"
-                    with open(os.path.join(run_dir, "log.txt"), "a") as fh:  # on record; main() prints the error
-                        fh.write(f"diverged: {e}; {kept}\n")
-                    raise Diverged(f"{e}; {kept}") from None
-                for k, v in terms.items():
-                    sums[k] = sums.get(k, 0.0) + v.item()
-                if StopFlag.requested and b + 1 < n_batches:
-                    sums["_seconds"] = time.time() - t0
-                    save_checkpoint(last, models, opts, {**progress, "epoch": epoch - 1, "step": b + 1, "sums": sums}, cfg)
-                    raise Interrupted(f"interrupted: saved {last} (epoch {epoch}, step {b + 1}/{n_batches}); "
-                                      "continue with --resume", StopFlag.exit_code())
+            with diverged_note(run_dir, last):
+                for b in bar:
+                    idx = perm[b * cfg.batch_size:(b + 1) * cfg.batch_size]
+                    x = augment(data.x_train[idx], offsets[idx], flips[idx])
+                    if cfg.channels_last:
+                        x = x.contiguous(memory_format=torch.channels_last)
+                    terms = train_step(models, opts, x, data.y_train[idx], cfg, epoch, scaler)
+                    for k, v in terms.items():
+                        sums[k] = sums[k] + v if k in sums else v.double()
+                    if (b + 1) % CHECK_EVERY == 0:
+                        check_finite(sums, epoch)
+                    if StopFlag.requested and b + 1 < n_batches:
+                        check_finite(sums, epoch)
+                        saved = {k: v.item() for k, v in sums.items()}
+                        save(last, {**progress, "epoch": epoch - 1, "step": b + 1,
+                                    "sums": {**saved, "_seconds": time.time() - t0}})
+                        raise Interrupted(f"interrupted: saved {last} (epoch {epoch}, step {b + 1}/{n_batches}); "
+                                          "continue with --resume", StopFlag.exit_code())
+                check_finite(sums, epoch)
             a, lam = cfg.lam.at(epoch, cfg.epochs)
             row = {"epoch": epoch, "lr": lr, "a": a, "lambda": lam if cfg.train else 0.0}
-            row.update({f"loss/{k}": v / n_batches for k, v in sums.items()})
+            row.update({f"loss/{k}": v.item() / n_batches for k, v in sums.items()})
             row["loss/total"] = sum(v for k, v in row.items() if k.startswith("loss/"))
             row.update(epoch_eval(models, data, cfg, epoch))
             row["seconds"] = time.time() - t0
@@ -1183,9 +1255,9 @@ def train(cfg, run_dir, data, resume=False, log=print):
             progress = {"epoch": epoch, "step": 0, "sums": {}, "best": max(metric, progress["best"])}
             with open(os.path.join(run_dir, "metrics.jsonl"), "a") as fh:
                 fh.write(json.dumps(row) + "\n")
-            save_checkpoint(last, models, opts, progress, cfg)
+            save(last, progress)
             if is_best:
-                save_checkpoint(best, models, opts, progress, cfg)
+                save(best, progress)
             log(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
             if StopFlag.requested and epoch < cfg.epochs:
                 raise Interrupted(f"interrupted after epoch {epoch}: {last} saved; continue with --resume",
@@ -1642,6 +1714,13 @@ class Config:
     wd: float = setting(None, "weight decay (unset: from --schedule)", type=float)
     batch_size: int = setting(128, "training batch size", type=int)
     seed: int = setting(1, "seed of python, numpy and torch (runs repeat exactly on one machine)", type=int)
+    amp: str = setting("off", "autocast of training's forward passes and attack (losses stay fp32; fp16 adds a "
+                       "GradScaler); evaluation is always fp32", choices=sorted(AMP_DTYPES))
+    channels_last: bool = setting(False, "channels_last memory format for models and batches", PLACE)
+    compile: bool = setting(False, "torch.compile the trained models (nn.Module.compile)", PLACE)
+    cudnn_benchmark: bool = setting(False, "torch.backends.cudnn.benchmark on CUDA", PLACE)
+    fast: bool = setting(False, "the fast path: --amp bf16 --channels-last --compile --cudnn-benchmark "
+                         "(GPU runs; not yet measured on a GPU, see README)", PLACE)
     device: str = setting(default_device(), "training device", PLACE)
     quick: bool = setting(False, "minutes-long CPU smoke run: cnn_small, subsets, few epochs and steps", in_name=False)
 
@@ -1705,6 +1784,8 @@ class Parser(argparse.ArgumentParser):
 # Settings --quick changes: a minutes-long CPU run that exercises the whole pipeline.
 QUICK = {"arch": "cnn_small", "std_arch": "cnn_small", "epochs": 5, "milestones": [4], "train_n": 3072,
          "test_n": 1000, "eval_n": 1000, "steps": 3, "eval_steps": 5, "batch_size": 128}
+# Settings --fast changes (flags given explicitly still win).
+FAST = {"amp": "bf16", "channels_last": True, "compile": True, "cudnn_benchmark": True}
 SCHEDULES = {"paper": {"epochs": 100, "milestones": [75, 90], "wd": 2e-4},
              "las": {"epochs": 110, "milestones": [100, 105], "wd": 5e-4}}
 GROUPS = ((Config, "run settings"), (EvalConfig, "evaluation (--eval CKPT; unset: the run's own eps and data)"),
@@ -1743,12 +1824,14 @@ def parse_flags(defaults, argv=None):
 
 
 def make_config(defaults, given):
-    """Config from: field defaults < the script's DEFAULTS < --quick's preset < the flags given, then
+    """Config from: field defaults < the script's DEFAULTS < the --quick / --fast presets < the flags given, then
     --schedule fills epochs / milestones / wd where still unset."""
     names = {f.name for f in fields(Config)}
     values = dict(defaults)
     if given.get("quick", defaults.get("quick")):
         values.update(QUICK)
+    if given.get("fast", defaults.get("fast")):
+        values.update(FAST)
     values.update({k: v for k, v in given.items() if k in names})
     cfg = Config(**values)
     for k, v in SCHEDULES[cfg.schedule].items():
