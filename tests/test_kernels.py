@@ -318,6 +318,29 @@ def test_tf32_option():
                            kernel(f_std, f_adv, "sum", precision="ieee")[1])
 
 
+def test_bench_crossover_suggestion():
+    """The bench's crossover rule on made-up timings: fused must win for every D at N and at
+    every larger N; an eager OOM counts as a fused win, a missing fused time does not."""
+    from kernels.bench import suggest_crossover
+    ns, ds = (128, 512, 2048, 65536), (512, 640)
+
+    def table(fused_ms, eager_ms):
+        return {(n, d): {"eager": eager_ms(n, d), "fused ieee": fused_ms(n, d)} for n in ns for d in ds}
+    oom = "OOM (skipped)"
+    big = lambda n, d: oom if n == 65536 else 1.0
+    assert suggest_crossover(table(lambda n, d: 0.5 if n >= 512 else 2.0, big), ns, ds) == 512
+    # D = 640 still loses at N = 512: crossover 2048
+    assert suggest_crossover(table(lambda n, d: 0.5 if n >= 2048 or d == 512 else 2.0, big), ns, ds) == 2048
+    # fused wins at 128 but loses at 512: only from 2048 on
+    assert suggest_crossover(table(lambda n, d: 2.0 if n == 512 else 0.5, big), ns, ds) == 2048
+    # never faster: no suggestion, unless eager runs out of memory at the largest N
+    assert suggest_crossover(table(lambda n, d: 2.0, lambda n, d: 1.0), ns, ds) is None
+    assert suggest_crossover(table(lambda n, d: 2.0, big), ns, ds) == 65536
+    # skipped at the largest N: no suggestion
+    assert suggest_crossover(table(lambda n, d: "skipped" if n == 65536 else 0.5, big), ns, ds) is None
+    assert suggest_crossover(table(lambda n, d: 0.5, big), ns, ds) == 128
+
+
 def test_non_contiguous_different_widths_incoming_gradient():
     f_std, _ = features(50, 24, "randn", seed=7)
     _, f_adv = features(50, 80, "randn", seed=8)
