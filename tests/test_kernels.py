@@ -395,11 +395,13 @@ for n, precision, dx in ((128, "ieee", "*fp32"), (10_000, "tf32", "*bf16")):
             tiles, cfg.warps)
     compile(tk._loss_kernel, dict(xp_ptr=P, xq_ptr=P, **STATS, loss_ptr=P, g_ptr=P, m_ptr=P, **dims),
             dict(tiles, NEED_GRAD=True, PRECISE=True), cfg.warps)
+    # a split count of 1 reaches the kernels as a constant (Triton specialises ints equal to 1)
+    splits = dict(SPLITS=1) if cfg.splits == 1 else {}
     compile(tk._grad_kernel, dict(xp_ptr=P, xq_ptr=P, **STATS, arg_q_ptr="*i32", g_ptr=P, m_ptr=P,
-                                  acc_ptr=P, **dims, SPLITS=I), tiles, cfg.warps)
+                                  acc_ptr=P, **dims, SPLITS=I), dict(tiles, **splits), cfg.warps)
     compile(tk._grad_finish_kernel, dict(xq_ptr=P, nq_ptr=P, acc_ptr=P, gout_ptr=P, scale="fp32",
                                          dx_ptr=dx, N=I, D_Q=I, SPLITS=I),
-            dict(BLOCK=cfg.block, BLOCK_K_Q=32), cfg.warps)
+            dict(BLOCK=cfg.block, BLOCK_K_Q=32, **splits), cfg.warps)
 compile(tk._stats_reduce_kernel, dict(**PART, arg_q_part_ptr="*i32", **STATS, arg_q_ptr="*i32",
                                       N=I, SPLITS=I), dict(BLOCK=tk.REDUCE_BLOCK), 4)
 """
