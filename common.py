@@ -23,6 +23,7 @@ import signal
 import subprocess
 import sys
 import time
+import zipfile
 from dataclasses import MISSING, dataclass, field, fields
 
 import numpy as np
@@ -62,8 +63,12 @@ TORCHVISION_SETS = {"cifar10": ("CIFAR10", 10), "cifar100": ("CIFAR100", 100)}
 
 def load_npz(path):
     """Arrays with the schema of shared/data/README.md: x_* uint8 NHWC, y_* int."""
+    if os.path.isdir(path):
+        raise UserError(f"data file {path} is a directory; give the .npz file itself")
     if not os.path.isfile(path):
         raise UserError(f"data file {path} not found (expected an .npz with keys {', '.join(NPZ_KEYS)})")
+    if not zipfile.is_zipfile(path):  # np.load would return a lone array (.npy) or try to unpickle it
+        raise UserError(f"data file {path} is not an .npz archive (np.savez writes one with keys {', '.join(NPZ_KEYS)})")
     try:
         with np.load(path, allow_pickle=False) as z:
             missing = [k for k in NPZ_KEYS if k not in z.files]
@@ -225,6 +230,35 @@ def to_device_uint8(x_nhwc, device):
     return torch.from_numpy(np.ascontiguousarray(x_nhwc)).permute(0, 3, 1, 2).contiguous().to(device)
 
 
+def check_labels(arrays, names, source):
+    """Every loader's arrays, checked once at load: non-empty splits, one integer label per image, each
+    in [0, num_classes). num_classes: len(class_names) when the data names its classes, else max + 1.
+    -> num_classes; a failure is a UserError naming the source."""
+    for split in ("train", "test"):
+        x, y = np.asarray(arrays[f"x_{split}"]), np.asarray(arrays[f"y_{split}"])
+        if len(x) == 0:
+            raise UserError(f"{source}: the {split} split is empty (x_{split} has no images)")
+        if y.ndim != 1:
+            raise UserError(f"{source}: y_{split} must be 1-D (one label per image), got shape {y.shape}")
+        if len(y) != len(x):
+            raise UserError(f"{source}: x_{split} has {len(x)} images but y_{split} has {len(y)} labels")
+        if y.dtype == bool or not np.issubdtype(y.dtype, np.integer):
+            raise UserError(f"{source}: y_{split} must hold integer class indices, got dtype {y.dtype}")
+    ys = {split: np.asarray(arrays[f"y_{split}"]) for split in ("train", "test")}
+    num_classes = len(names) if names else int(max(y.max() for y in ys.values())) + 1
+    for split, y in ys.items():
+        bad = y[(y < 0) | (y >= num_classes)]
+        if len(bad):
+            where = f"class_names lists {num_classes} classes" if names else "labels must be >= 0"
+            raise UserError(f"{source}: y_{split} holds {len(bad)} labels outside [0, {num_classes}) "
+                            f"(e.g. {int(bad[0])}); {where}")
+    missing = sorted(set(range(num_classes)) - set(ys["train"].tolist()))
+    if missing and not names:  # max + 1 counts a class the training set never shows: say so
+        tqdm.write(f"WARNING: {source}: classes {missing[:10]} never occur in the training labels; "
+                   f"assuming {num_classes} classes (labels 0..{num_classes - 1})")
+    return num_classes
+
+
 def load_data(cfg, device):
     """Load the configured data set; subset it with --train-n / --test-n (0 = all)."""
     if cfg.data_file:
@@ -238,6 +272,7 @@ def load_data(cfg, device):
                             f"{cfg.data_dir}, or pass --data-file X.npz)")
     else:
         arrays, names = load_torchvision(cfg.dataset, cfg.data_dir)
+    num_classes = check_labels(arrays, names, f"data {cfg.data_file or cfg.dataset}")
     if cfg.train_n:
         arrays["x_train"], arrays["y_train"] = arrays["x_train"][:cfg.train_n], arrays["y_train"][:cfg.train_n]
     if cfg.test_n:
@@ -245,8 +280,6 @@ def load_data(cfg, device):
     if cfg.image_size and arrays["x_train"].shape[1] != cfg.image_size:  # Tiny ImageNet: 64 -> 32 as in the paper
         for k in ("x_train", "x_test"):
             arrays[k] = resize_images(arrays[k], cfg.image_size)
-    y_all = np.concatenate([arrays["y_train"], arrays["y_test"]])
-    num_classes = max(len(names), int(y_all.max()) + 1)
     return Data(to_device_uint8(arrays["x_train"], device), torch.as_tensor(arrays["y_train"], dtype=torch.long, device=device),
                 to_device_uint8(arrays["x_test"], device), torch.as_tensor(arrays["y_test"], dtype=torch.long, device=device),
                 num_classes, names)
@@ -1558,6 +1591,17 @@ def lam_arg(text):
         raise argparse.ArgumentTypeError(str(e))
 
 
+def count_arg(text):
+    """--train-n / --test-n N: N >= 1 images (0, the default, means all: leave the flag out for that)."""
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number of images, got {text!r}")
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {n} (leave the flag out to use all images)")
+    return n
+
+
 def int_list(text):
     try:
         return [int(v) for v in str(text).split(",") if v.strip()]
@@ -1602,8 +1646,8 @@ class Config:
     image_size: int = setting(0, "resize images to this size first (0 = keep; Tiny ImageNet: 32)", type=int)
     data_dir: str = setting("./data", "where torchvision data sets / tiny-imagenet-200 live", PLACE)
     data_file: str = setting("", "an .npz with x_train, y_train, x_test, y_test (uint8 NHWC) instead of torchvision", PLACE)
-    train_n: int = setting(0, "use the first N training images (0 = all)", type=int)
-    test_n: int = setting(0, "use the first N test images (0 = all)", type=int)
+    train_n: int = setting(0, "use the first N >= 1 training images (0 = all)", type=count_arg)
+    test_n: int = setting(0, "use the first N >= 1 test images (0 = all)", type=count_arg)
     method: str = setting("trades", "base method (standard = natural training)", in_name=False, choices=sorted(BASE_METHODS))
     train: bool = setting(False, "add TRAIN's topology-preserving loss lambda * L_TP")
     lbgat: bool = setting(False, "add LBGAT's logit guidance gamma * MSE(M'(x'), M(x))")
@@ -1682,7 +1726,7 @@ class EvalConfig:
     device: str = setting(default_device(), "", PLACE)
     data_file: str = setting(None, "", PLACE)
     data_dir: str = setting(None, "", PLACE)
-    test_n: int = setting(None, "", type=int)
+    test_n: int = setting(None, "", type=count_arg)
 
 
 @dataclass
@@ -1774,6 +1818,34 @@ def validate(cfg):
         raise UserError("give --dataset or --data-file")
     if cfg.freeze_std and not cfg.std_ckpt:
         raise UserError("--freeze-std needs --std-ckpt (a frozen random M would teach nothing)")
+    check_lowest(cfg)
+
+
+# The lowest value of each numeric setting of Config and EvalConfig (lists: of each entry); where 0 is
+# allowed it means "all" or "off", as the flag's help says.
+LOWEST = {"image_size": 0, "train_n": 0, "test_n": 0, "steps": 1, "eval_steps": 1, "awp_warmup": 0, "seed": 0,
+          "milestones": 1, "lr": 0, "momentum": 0, "wd": 0, "beta": 0, "gamma": 0, "alp_weight": 0, "awp_gamma": 0,
+          "aa_n": 0, "knn_k": 1, "knn_train_n": 0, "eval_batch_size": 1, "cw_kappa": 0}
+
+
+def check_lowest(settings):
+    """Numeric settings of a Config / EvalConfig below their LOWEST value (e.g. --steps -1): one line."""
+    for f in fields(settings):
+        v = getattr(settings, f.name)
+        if f.name in LOWEST and v is not None and any(x < LOWEST[f.name] for x in (v if isinstance(v, list) else [v])):
+            raise UserError(f"--{f.name.replace('_', '-')} must be >= {LOWEST[f.name]}, got {shown(v)}")
+    if settings.seed >= 2 ** 32:  # numpy's limit
+        raise UserError(f"--seed must be < 2**32, got {settings.seed}")
+
+
+def validate_eval(ecfg):
+    """EvalConfig settings that parse but cannot run: one line, exit 2."""
+    check_lowest(ecfg)
+    for k in ("eps", "eval_step_size"):
+        if getattr(ecfg, k) is not None and not 0 <= getattr(ecfg, k) <= 1:
+            raise UserError(f"--{k.replace('_', '-')} must lie in [0, 1] (inputs are in [0, 1])")
+    if ecfg.device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {ecfg.device} but CUDA is not available; use --device cpu")
 
 
 def name_part(name, v):

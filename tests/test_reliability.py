@@ -1,0 +1,204 @@
+"""Runs and evaluations that cannot lose or mislabel results (issue 10): the run-folder lock, resume after
+kill -9, failed starts, signals, unwritable folders, data validation, bad numbers, merged eval files,
+foreign checkpoints. Every bad input: one line on stderr, exit 2, nothing written."""
+import fcntl
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+import common
+from conftest import DEFAULTS, ROOT, tiny_args
+
+
+def main(argv):
+    return common.main(DEFAULTS, argv, prefix="test")
+
+
+def refused(argv, capsys):
+    """main(argv) must exit 2 with one line on stderr; -> that line."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2, err
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    return err
+
+
+def cli(*args, **kw):
+    return subprocess.run([sys.executable, "exp_cifar10.py", *args], cwd=ROOT, capture_output=True, text=True, **kw)
+
+
+def make_npz(path, n_train=64, n_test=32, classes=4, names=True, **override):
+    """Fresh random 16x16 images and labels (every class in the training set); override replaces arrays."""
+    rng = np.random.default_rng()
+    y_tr, y_te = rng.integers(0, classes, n_train), rng.integers(0, classes, n_test)
+    y_tr[:classes] = np.arange(classes)
+    arrays = {"x_train": rng.integers(0, 256, (n_train, 16, 16, 3), dtype=np.uint8), "y_train": y_tr,
+              "x_test": rng.integers(0, 256, (n_test, 16, 16, 3), dtype=np.uint8), "y_test": y_te}
+    arrays.update(override)
+    if names:
+        arrays["class_names"] = np.array([f"c{i}" for i in range(classes)])
+    np.savez(path, **arrays)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    """One finished 2-epoch run (vanilla AT, cnn_small) and its data; tests work on copies (run_copy)."""
+    d = tmp_path_factory.mktemp("finished")
+    npz = make_npz(d / "data.npz")
+    main(tiny_args(npz, d / "run", "--method", "at"))
+    return npz, d / "run"
+
+
+@pytest.fixture
+def run_copy(finished, tmp_path):
+    npz, src = finished
+    shutil.copytree(src, tmp_path / "run")
+    return npz, tmp_path / "run"
+
+
+def rows(run_dir):
+    with open(os.path.join(run_dir, "metrics.jsonl")) as fh:
+        return [json.loads(line) for line in fh]
+
+
+def hold_lock(folder):
+    """Lock a folder as another TRAIN process would (flock on .lock, PID inside), without common's code."""
+    os.makedirs(folder, exist_ok=True)
+    fd = os.open(os.path.join(folder, ".lock"), os.O_RDWR | os.O_CREAT)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    return fd
+
+
+def progress(run_dir):
+    return torch.load(os.path.join(run_dir, "last.pt"), weights_only=False)["progress"]
+
+
+def snapshot(folder):
+    return {f: (os.path.getmtime(os.path.join(folder, f)), os.path.getsize(os.path.join(folder, f)))
+            for f in os.listdir(folder) if f != ".lock"}
+
+
+# ------------------------------------------------------------------------------------- run folders
+class Killed(BaseException):
+    """What kill -9 does to the loop: nothing after it runs (main() catches no BaseException)."""
+
+
+def unwritable(folder):
+    """Make a folder unwritable even for root (chattr +i), or by its mode; -> an undo function, or skip."""
+    if os.geteuid() == 0:
+        if subprocess.run(["chattr", "+i", str(folder)], capture_output=True).returncode != 0:
+            pytest.skip("running as root without chattr +i: cannot make a folder read-only")
+        return lambda: subprocess.run(["chattr", "-i", str(folder)], check=True)
+    os.chmod(folder, 0o555)
+    return lambda: os.chmod(folder, 0o755)
+
+
+def limit_file_size():  # a full disk, as a process sees it: writes past 1 KiB fail (EFBIG; Python ignores SIGXFSZ)
+    import resource
+    resource.setrlimit(resource.RLIMIT_FSIZE, (1024, 1024))
+
+
+BAD_DATA = {  # case -> (arrays that replace good ones, whether class_names are saved, what the line says)
+    "label = class count": (lambda rng: {"y_train": np.r_[rng.integers(0, 4, 63), 4]}, True, "outside [0, 4)"),
+    "negative label": (lambda rng: {"y_test": np.r_[rng.integers(0, 4, 31), -1]}, False, "outside [0, 4)"),
+    "float labels": (lambda rng: {"y_train": rng.integers(0, 4, 64).astype(np.float32)}, True, "integer class indices"),
+    "y shorter than x": (lambda rng: {"y_train": rng.integers(0, 4, 60)}, True, "64 images but y_train has 60"),
+    "2-D y": (lambda rng: {"y_test": rng.integers(0, 4, (32, 1))}, True, "must be 1-D"),
+    "empty train split": (lambda rng: {"x_train": np.zeros((0, 16, 16, 3), np.uint8), "y_train": np.zeros(0, np.int64)},
+                          True, "train split is empty"),
+    "empty test split": (lambda rng: {"x_test": np.zeros((0, 16, 16, 3), np.uint8), "y_test": np.zeros(0, np.int64)},
+                         True, "test split is empty"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_DATA))
+def test_bad_labels_and_shapes_are_refused_at_load(case, tmp_path, capsys):
+    arrays, names, needle = BAD_DATA[case]
+    npz = make_npz(tmp_path / "bad.npz", names=names, **arrays(np.random.default_rng()))
+    err = refused(tiny_args(npz, tmp_path / "r", "--method", "at"), capsys)
+    assert needle in err
+    assert not os.path.exists(tmp_path / "r")
+
+
+def test_every_loader_is_validated(tmp_path, monkeypatch):
+    from test_data import write_cifar100
+    import torchvision.datasets.cifar as tv_cifar
+    monkeypatch.setattr(tv_cifar, "check_integrity", lambda *a, **k: True)
+    rng = np.random.default_rng()
+    write_cifar100(tmp_path, rng)
+    cfg = common.make_config(DEFAULTS, {"dataset": "cifar100", "data_dir": str(tmp_path)})
+    assert common.load_data(cfg, "cpu").num_classes == 100
+    real = common.load_torchvision
+    monkeypatch.setattr(common, "load_torchvision", lambda *a: ({**real(*a)[0], "y_test": np.full(5, 100)}, real(*a)[1]))
+    with pytest.raises(common.UserError, match=r"y_test holds 5 labels outside \[0, 100\)"):
+        common.load_data(cfg, "cpu")
+    monkeypatch.setattr(common, "load_tinyimagenet_folder", lambda root: (
+        {"x_train": np.zeros((4, 8, 8, 3), np.uint8), "y_train": np.array([0, 1, 2, 3]),
+         "x_test": np.zeros((2, 8, 8, 3), np.uint8), "y_test": np.array([0])}, ["a", "b", "c", "d"]))
+    cfg = common.make_config(DEFAULTS, {"dataset": "tinyimagenet", "data_dir": str(tmp_path)})
+    with pytest.raises(common.UserError, match="x_test has 2 images but y_test has 1 labels"):
+        common.load_data(cfg, "cpu")
+
+
+def test_without_class_names_a_missing_class_is_a_warning(tmp_path, capsys):
+    rng = np.random.default_rng()
+    y_train = rng.choice([0, 1, 3], 64)  # class 2 only in the test split
+    npz = make_npz(tmp_path / "d.npz", names=False, y_train=y_train, y_test=np.r_[0, 1, 2, 3, rng.integers(0, 4, 28)])
+    data = common.load_data(common.make_config(DEFAULTS, {"data_file": npz}), "cpu")
+    assert data.num_classes == 4 and data.y_train.tolist() == y_train.tolist()
+    assert "classes [2] never occur in the training labels" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("flags,needle", [
+    (["--steps", "-1"], "--steps must be >= 1"),
+    (["--eval-steps", "0"], "--eval-steps must be >= 1"),
+    (["--train-n", "-5"], "--train-n: must be >= 1"),
+    (["--test-n", "0"], "--test-n: must be >= 1"),
+    (["--train-n", "0"], "--train-n: must be >= 1"),
+    (["--seed", "-1"], "--seed must be >= 0"),
+    (["--lr", "-0.1"], "--lr must be >= 0"),
+    (["--milestones", "0,5"], "--milestones must be >= 1"),
+])
+def test_bad_numbers_are_refused(finished, flags, needle, tmp_path, capsys):
+    npz, _ = finished
+    assert needle in refused(tiny_args(npz, tmp_path / "r", "--method", "at", *flags), capsys)
+    assert not os.path.exists(tmp_path / "r")
+
+
+@pytest.mark.parametrize("kind,needle", [("folder", "is a directory"), ("text", "not an .npz archive"),
+                                         ("npy", "not an .npz archive")])
+def test_a_data_file_that_is_no_npz_says_what_it_is(kind, needle, tmp_path, capsys):
+    path = tmp_path / "data"
+    if kind == "folder":
+        path.mkdir()
+    elif kind == "text":
+        path.write_text("x_train,y_train\n1,2\n")
+    else:
+        np.save(open(path, "wb"), np.zeros((2, 4, 4, 3), np.uint8))
+    assert needle in refused(tiny_args(str(path), tmp_path / "r"), capsys)
+    assert not os.path.exists(tmp_path / "r")
+
+
+def fake_result(rng, **changes):
+    """An evaluate() result with fresh random accuracies."""
+    r = {"checkpoint": "/x/run/best.pt", "run": "run", "model": "adv", "arch": "cnn_small", "epoch": 3, "eps": 0.031,
+         "n_test": 100, "pgd_steps": 20, "pgd_step_size": 0.003, "cw_kappa": 50.0, "warnings": [], "sanity": {},
+         "natural": rng.uniform(0.5, 0.9)}
+    r.update(changes)
+    r["worst_case_of"] = [m for m in ("natural", "pgd", "cw", "aa") if m in r]
+    r["worst_case"] = min(r[m] for m in r["worst_case_of"])
+    return r
+
+
