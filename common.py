@@ -554,6 +554,22 @@ def load_model_state(model, state):
     model.load_state_dict(state, strict=True)
 
 
+def fit_weights(model, state, what, arch, num_classes):
+    """load_model_state for a checkpoint a person chose: weights of another class count or another arch
+    are one line (UserError) instead of PyTorch's page-long RuntimeError."""
+    if not isinstance(state, dict):
+        raise UserError(f"{what} holds no weights")
+    fc = getattr(getattr(model, "fc", None), "weight", None)  # the last layer: one row per class
+    fc_name = next((n for n, p in model.named_parameters() if p is fc), None)
+    saved = state.get(fc_name, state.get(f"module.{fc_name}"))
+    if isinstance(saved, torch.Tensor) and saved.ndim == 2 and saved.shape[0] != num_classes:
+        raise UserError(f"{what} was trained on {saved.shape[0]} classes, but the data set has {num_classes}")
+    try:
+        load_model_state(model, state)
+    except (RuntimeError, AttributeError) as e:
+        raise UserError(f"{what} does not fit its saved arch {arch}: {' '.join(str(e).split())[:300]}")
+
+
 # =====================================================================================
 # 3. attacks   (one PGD over a loss of the logits; gradients w.r.t. the input only)
 # =====================================================================================
@@ -1096,6 +1112,36 @@ def load_checkpoint(path, device):
         raise UserError(f"could not read checkpoint {path}: {type(e).__name__}: {e}")
 
 
+def checkpoint_kind(ck):
+    """What a loaded .pt holds: "run" (one of ours: config, models, progress), "state_dict" (bare weights,
+    e.g. a public model, possibly under "state_dict" / "model") or "other"."""
+    if isinstance(ck, dict) and all(isinstance(ck.get(k), dict) for k in ("config", "models", "progress")):
+        return "run"
+    inner = ck.get("state_dict", ck.get("model", ck)) if isinstance(ck, dict) else None
+    if isinstance(inner, dict) and inner and all(isinstance(v, torch.Tensor) for v in inner.values()):
+        return "state_dict"
+    return "other"
+
+
+def check_run_checkpoint(ck, path):
+    """Only our own checkpoints carry the settings evaluation needs; anything else is one line."""
+    kind = checkpoint_kind(ck)
+    if kind == "state_dict":
+        raise UserError(f"{path} is a bare state_dict (weights only, no settings): evaluating it needs --arch and "
+                        "--dataset, which --eval does not take yet; evaluate a checkpoint of a TRAIN run")
+    if kind != "run":
+        what = f"a dict with keys {sorted(ck)[:6]}" if isinstance(ck, dict) else f"a {type(ck).__name__}"
+        raise UserError(f"{path} is not a TRAIN checkpoint (it holds {what}; ours hold config, models, progress)")
+
+
+def checkpoint_progress(path):
+    """A checkpoint's progress (epoch, step) without reading its weights: memory-mapped, cheap for any size."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False, mmap=True)["progress"]
+    except Exception as e:
+        raise UserError(f"could not read checkpoint {path}: {type(e).__name__}: {e}")
+
+
 def load_std_checkpoint(models, cfg, device):
     """--std-ckpt: M from a finished run; a `--method standard` run's trained model is its "adv" slot."""
     if models.std is None:
@@ -1435,6 +1481,7 @@ def evaluate(ckpt_path, ecfg, out_dir=None, log=print):
     write_eval() stores the results. Raises UserError, SanityError."""
     device = torch.device(ecfg.device)
     ck = load_checkpoint(ckpt_path, device)
+    check_run_checkpoint(ck, ckpt_path)
     run_cfg = Config.from_saved(ck["config"])
     for k in ("data_file", "data_dir", "test_n"):  # data may have moved since training; --test-n subsets
         if getattr(ecfg, k) is not None:
@@ -1442,7 +1489,8 @@ def evaluate(ckpt_path, ecfg, out_dir=None, log=print):
     data = load_data(run_cfg, device)
     models = build_models(run_cfg, data.num_classes, device)
     for k, m in models.saved().items():
-        load_model_state(m, ck["models"][k])
+        fit_weights(m, ck["models"].get(k), f"checkpoint {ckpt_path} ({k})",
+                    {"adv": run_cfg.arch, "std": run_cfg.std_arch}.get(k, "relation heads"), data.num_classes)
         m.eval()
     if ecfg.eval_model == "std" and models.std is None:
         raise UserError(f"--eval-model std: this checkpoint holds no standard model ({', '.join(models.saved())})")

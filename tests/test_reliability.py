@@ -202,3 +202,30 @@ def fake_result(rng, **changes):
     return r
 
 
+@pytest.mark.parametrize("case,needle", [
+    ("bare state_dict", "bare state_dict (weights only, no settings): evaluating it needs --arch and --dataset"),
+    ("dict without config", "is not a TRAIN checkpoint"),
+    ("a list", "is not a TRAIN checkpoint (it holds a list"),
+    ("not a torch file", "could not read checkpoint"),
+    ("weights of another arch", "does not fit its saved arch cnn6"),
+    ("data with another class count", "was trained on 4 classes, but the data set has 6"),
+])
+def test_foreign_checkpoints_are_one_line_errors(run_copy, case, needle, tmp_path, capsys):
+    _, out = run_copy
+    ck = torch.load(out / "last.pt", weights_only=False)
+    path, extra = tmp_path / "x.pt", []
+    if case == "bare state_dict":
+        torch.save(ck["models"]["adv"], path)
+    elif case == "dict without config":
+        torch.save({k: v for k, v in ck.items() if k != "config"}, path)
+    elif case == "a list":
+        torch.save([1, 2], path)
+    elif case == "not a torch file":
+        path.write_text("hello")
+    elif case == "weights of another arch":
+        torch.save({**ck, "config": {**ck["config"], "arch": "cnn6"}}, path)
+    else:
+        torch.save(ck, path)
+        extra = ["--data-file", make_npz(tmp_path / "six.npz", classes=6)]
+    assert needle in refused(["--eval", str(path), "--device", "cpu", *extra], capsys)
+    assert not os.path.exists(tmp_path / "eval.json")
