@@ -1474,6 +1474,14 @@ def tsne_plot(model, data, x_adv, path, title, seed=1, n=512, max_classes=10, ad
     return path
 
 
+def aa_subset_scores(model, x, y, correct, pgd, batch_size):
+    """Natural and PGD accuracy on the n images AutoAttack saw, so its column compares like with like;
+    PGD runs on them here when the evaluation did not run it on every image."""
+    n = len(x)
+    pgd_ok = correct["pgd"][:n] if "pgd" in correct else correct_under(model, x, y, pgd, batch_size, desc="PGD on AA's")[1]
+    return {"n": n, "natural": correct["natural"][:n].float().mean().item(), "pgd": pgd_ok.float().mean().item()}
+
+
 def evaluate(ckpt_path, ecfg, out_dir=None, log=print):
     """Every metric of the paper's tables for one checkpoint -> a dict (eval.json's content).
 
@@ -1534,7 +1542,8 @@ def evaluate(ckpt_path, ecfg, out_dir=None, log=print):
         robust, after, _ = run_autoattack(model, x[:n], y[:n], eps, ecfg.seed, log_path, ecfg.aa_attacks or None, bs,
                                           str(device))
         correct["aa"] = torch.cat([robust, torch.zeros(len(x) - n, dtype=torch.bool, device=robust.device)])
-        res.update(aa=robust.float().mean().item(), aa_n=n, aa_after=after)
+        res.update(aa=robust.float().mean().item(), aa_n=n, aa_attacks=ecfg.aa_attacks or "standard", aa_after=after)
+        res["aa_subset"] = aa_subset_scores(model, x[:n], y[:n], correct, pgd20, bs)
         names = list(after)
         if "square" in after and len(names) > 1 and after["square"] < after[names[names.index("square") - 1]]:
             warn(f"Square (black-box) found errors the white-box attacks missed "
@@ -1544,12 +1553,14 @@ def evaluate(ckpt_path, ecfg, out_dir=None, log=print):
     worst = torch.stack([c[:n_all] for c in correct.values()]).all(0)
     res["worst_case"] = worst.float().mean().item()
     res["worst_case_n"] = n_all
+    res["worst_case_of"] = list(correct)
     for name, c in correct.items():
         if name != "natural" and (c[:n_all] & ~worst).any():
             res["sanity"][f"{name}_robust_but_broken_elsewhere"] = int((c[:n_all] & ~worst).sum())
     sanity_checks(model, x, y, ecfg, res, warn)
     if "knn" in metrics:
         res["knn"] = topology_scores(model, data, x, x_pgd, pgd20, ecfg.knn_k, ecfg.knn_train_n, bs)
+        res["knn_train_n"] = min(ecfg.knn_train_n or len(data.x_train), len(data.x_train))
     if "tp" in metrics and models.std is not None:
         res["test_ltp"] = test_topology_loss(models, x, x_pgd, run_cfg)
     if ecfg.tsne and out_dir:
@@ -1560,14 +1571,86 @@ def evaluate(ckpt_path, ecfg, out_dir=None, log=print):
     return res
 
 
+# eval.json: the flat dict of evaluate() for one "row" (checkpoint file and epoch, model, eps, PGD steps, number of
+# test images), merged over evaluations of that row; rows evaluated under other settings are kept in "earlier".
+ROW_KEYS = ("model", "epoch", "eps", "pgd_steps", "pgd_step_size", "n_test")
+EVAL_FORMAT = 2  # 2: merged rows, results.md regenerated from eval.json
+# metric -> the settings beyond the row's that define its value (a change starts a new row)
+METRIC_SETTINGS = {"natural": (), "std_natural": (), "pgd": (), "cw": ("cw_kappa",), "aa": ("aa_n", "aa_attacks"),
+                   "knn": ("knn_train_n",), "test_ltp": ()}
+
+
+def same_row(old, new):
+    """Whether new's values can stand next to old's in one row: same checkpoint, row settings, and the
+    same settings for every metric both measured."""
+    if os.path.basename(old.get("checkpoint", "")) != os.path.basename(new["checkpoint"]):
+        return False
+    if any(old.get(k) != new.get(k) for k in ROW_KEYS):
+        return False
+    both = [m for m in METRIC_SETTINGS if m in old and m in new]
+    return all(old.get(k) == new.get(k) for m in both for k in METRIC_SETTINGS[m])
+
+
+def merge_eval(old, new, log=print):
+    """eval.json after an evaluation: new's metrics over old's when they share a row (what new did not
+    measure stays), else new becomes the row and old moves to "earlier". Nothing is dropped."""
+    if not old:
+        return dict(new)
+    earlier = old.get("earlier", [])
+    old = {k: v for k, v in old.items() if k not in ("earlier", "legacy_rows", "format")}
+    if not same_row(old, new):
+        log(f"eval.json: the results of {row_label(old)} at eps {old.get('eps', 0) * 255:.2f}/255 stay in 'earlier'")
+        return {**new, "earlier": earlier + [old]}
+    again = [m for m in METRIC_SETTINGS if m in old and m in new and m != "knn" and old[m] != new[m]]
+    if again:
+        log("eval.json: measured again with the same settings: "
+            + ", ".join(f"{m} {old[m]:.4f} -> {new[m]:.4f}" for m in again))
+    warnings = old.get("warnings", [])
+    merged = {**old, **new, "warnings": warnings + [w for w in new["warnings"] if w not in warnings],
+              "sanity": {**old.get("sanity", {}), **new["sanity"]}}
+    if "knn" in old and "knn" in new:  # other k: both kept
+        merged["knn"] = {q: {**old["knn"].get(q, {}), **new["knn"][q]} for q in new["knn"]}
+    if len(old.get("worst_case_of", [])) > len(new["worst_case_of"]):  # the worst case over more attacks stays
+        merged.update({k: old[k] for k in ("worst_case", "worst_case_n", "worst_case_of") if k in old})
+    return {**merged, **({"earlier": earlier} if earlier else {})}
+
+
+def read_json(path):
+    """A JSON file written by us, or None when absent; an unreadable one is a UserError (never overwritten)."""
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path) as fh:
+            return json.load(fh)
+    except (OSError, ValueError) as e:
+        raise UserError(f"could not read {path} ({type(e).__name__}: {e}); move it away to write a new one")
+
+
+def write_atomic(path, text):
+    """Temp file + rename: a killed process leaves the old file or the new one, never half of one."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as fh:
+        fh.write(text)
+    os.replace(tmp, path)
+
+
 def write_eval(res, run_dir, log=print):
-    """eval.json and a results.md row next to the checkpoint."""
-    with open(os.path.join(run_dir, "eval.json"), "w") as fh:
-        json.dump(res, fh, indent=2)
-    row = results_row(res)
-    with open(os.path.join(run_dir, "results.md"), "a") as fh:
-        fh.write(row + "\n")
-    log(TABLE_HEADER + "\n" + row)
+    """Merge res into run_dir's eval.json (merge_eval) and regenerate results.md from it, one line per row
+    of eval.json. A results.md of the older code (appended rows) is kept: its lines become "legacy_rows"."""
+    path, md = os.path.join(run_dir, "eval.json"), os.path.join(run_dir, "results.md")
+    old = read_json(path)
+    legacy = (old or {}).get("legacy_rows")
+    if "format" not in (old or {}) and os.path.isfile(md):  # a results.md of the code that appended rows
+        with open(md) as fh:
+            legacy = [line.rstrip("\n") for line in fh if line.strip()]
+    merged = {**merge_eval(old, res, log), "format": EVAL_FORMAT}
+    if legacy:
+        merged["legacy_rows"] = legacy
+    write_atomic(path, json.dumps(merged, indent=2))
+    rows = (legacy or []) + [results_row(r) for r in merged.get("earlier", []) + [merged]]
+    write_atomic(md, "\n".join(rows) + "\n")
+    log(TABLE_HEADER + "\n" + results_row(merged))
+    return merged
 
 
 def sanity_checks(model, x, y, ecfg, res, warn, n=500):
@@ -1590,16 +1673,33 @@ TABLE_HEADER = ("| run | eps | Natural | PGD-20 | CW-20 | AA | kNN natural | kNN
                 "| --- | --- | --- | --- | --- | --- | --- | --- |")
 
 
+def row_label(res):
+    """The run cell: run, model, checkpoint file and epoch, and the number of test images of every column."""
+    return (res["run"] + ("" if res.get("model", "adv") == "adv" else " (M)")
+            + f" ({os.path.basename(res.get('checkpoint', '?'))}, epoch {res.get('epoch')}, n={res.get('n_test')})")
+
+
+def aa_cell(res, pct):
+    """AA accuracy; when it ran on fewer images than the row: its n, and natural / PGD accuracy on those images."""
+    if res.get("aa") is None or res["aa_n"] == res["n_test"]:
+        return pct(res.get("aa"))
+    sub = res.get("aa_subset")
+    on_them = f"; natural {pct(sub['natural'])}, PGD-{res['pgd_steps']} {pct(sub['pgd'])} on them" if sub else ""
+    return f"{pct(res['aa'])} (n={res['aa_n']}{on_them})"
+
+
 def results_row(res, k="30"):
-    """One markdown row in the paper's column order; kNN at k=30 (or the first k evaluated)."""
+    """One markdown row in the paper's column order; kNN at k=30 (or the first k evaluated). Every row says
+    how many test images each column used (row_label, aa_cell)."""
     def pct(v):
         return "-" if v is None else f"{100 * v:.2f}"
     knn = res.get("knn") or {}
     kk = k if k in knn.get("natural", {}) else next(iter(knn.get("natural", {})), None)
     steps_note = "" if res.get("pgd_steps", 20) == 20 else f" ({res['pgd_steps']} steps)"
-    aa = pct(res.get("aa")) + (f" (n={res['aa_n']})" if res.get("aa") is not None and res["aa_n"] != res["n_test"] else "")
-    cells = [res["run"] + ("" if res.get("model", "adv") == "adv" else " (M)"), f"{res['eps'] * 255:.2f}/255",
-             pct(res.get("natural")), pct(res.get("pgd")) + steps_note, pct(res.get("cw")) + steps_note, aa,
+    aa = aa_cell(res, pct)
+    cells = [row_label(res), f"{res['eps'] * 255:.2f}/255",
+             pct(res.get("natural")), pct(res.get("pgd")) + steps_note * ("pgd" in res),
+             pct(res.get("cw")) + steps_note * ("cw" in res), aa,
              pct(knn["natural"][kk]) if kk else "-", pct(knn["robust"][kk]) if kk else "-"]
     return "| " + " | ".join(cells) + " |"
 

@@ -191,6 +191,28 @@ def test_a_data_file_that_is_no_npz_says_what_it_is(kind, needle, tmp_path, caps
     assert not os.path.exists(tmp_path / "r")
 
 
+def test_eval_merges_per_metric_and_regenerates_results_md(run_copy, capsys):
+    _, out = run_copy
+    ev = ["--eval", str(out / "last.pt"), "--eval-steps", "2", "--knn-k", "1"]
+    main(ev + ["--metrics", "nat,pgd,cw,knn"])
+    first = json.load(open(out / "eval.json"))
+    main(ev + ["--metrics", "nat"])  # used to replace eval.json: PGD, CW, kNN gone
+    res = json.load(open(out / "eval.json"))
+    for k in ("pgd", "cw", "knn", "worst_case"):
+        assert res[k] == first[k], k
+    assert res["natural"] == first["natural"] and "earlier" not in res
+    assert len((out / "results.md").read_text().splitlines()) == 1  # regenerated, not appended
+    main(ev + ["--metrics", "nat,pgd", "--eps", "0.05"])  # other settings: a new row, the old one kept
+    res = json.load(open(out / "eval.json"))
+    assert res["eps"] == 0.05 and "cw" not in res and res["earlier"][0]["cw"] == first["cw"]
+    main(ev + ["--metrics", "nat", "--eps", "0.05"])
+    md = (out / "results.md").read_text().splitlines()
+    assert len(md) == 2 and f"| {0.031 * 255:.2f}/255 |" in md[0] and "| 12.75/255 |" in md[1]
+    capsys.readouterr()
+    main(["--table", str(out)])  # --table: the current row
+    assert "| 12.75/255 |" in capsys.readouterr().out
+
+
 def fake_result(rng, **changes):
     """An evaluate() result with fresh random accuracies."""
     r = {"checkpoint": "/x/run/best.pt", "run": "run", "model": "adv", "arch": "cnn_small", "epoch": 3, "eps": 0.031,
@@ -200,6 +222,56 @@ def fake_result(rng, **changes):
     r["worst_case_of"] = [m for m in ("natural", "pgd", "cw", "aa") if m in r]
     r["worst_case"] = min(r[m] for m in r["worst_case_of"])
     return r
+
+
+def test_merge_eval_keeps_every_result():
+    rng = np.random.default_rng()
+    u = lambda: float(rng.uniform(0.1, 0.5))
+    full = fake_result(rng, pgd=u(), cw=u(), aa=u(), aa_n=50, aa_attacks="standard",
+                       knn={"natural": {"30": u()}, "robust": {"30": u()}}, knn_train_n=100, warnings=["w1"])
+    nat = fake_result(rng, warnings=["w2"])
+    merged = common.merge_eval(full, nat, log=lambda m: None)
+    assert merged["natural"] == nat["natural"] and all(merged[k] == full[k] for k in ("pgd", "cw", "aa", "aa_n", "knn"))
+    assert merged["worst_case"] == full["worst_case"] and merged["warnings"] == ["w1", "w2"]
+    more_k = fake_result(rng, knn={"natural": {"5": u()}, "robust": {"5": u()}}, knn_train_n=100)
+    assert set(common.merge_eval(full, more_k, log=lambda m: None)["knn"]["robust"]) == {"5", "30"}
+    for change in ({"eps": 0.05}, {"n_test": 50}, {"epoch": 4}, {"checkpoint": "/x/run/last.pt"}, {"model": "std"},
+                   {"pgd_steps": 10}, {"aa": u(), "aa_n": 100, "aa_attacks": "standard"}):
+        new = fake_result(rng, **change)
+        logged = []
+        merged = common.merge_eval(full, new, log=logged.append)
+        assert merged["natural"] == new["natural"] and merged["earlier"] == [full], change
+        assert "stay in 'earlier'" in logged[0]
+        assert common.merge_eval(merged, full, log=lambda m: None)["earlier"] == [full, new]  # and back again
+    again = fake_result(rng, pgd=u())
+    logged = []
+    common.merge_eval(full, again, log=logged.append)  # same settings measured again: replaced, and said so
+    assert "measured again" in logged[0] and f"{full['pgd']:.4f} -> {again['pgd']:.4f}" in logged[0]
+
+
+def test_eval_honours_test_n_and_the_row_says_n(run_copy):
+    _, out = run_copy
+    main(["--eval", str(out / "last.pt"), "--metrics", "nat", "--test-n", "8"])
+    res = json.load(open(out / "eval.json"))
+    assert res["n_test"] == 8
+    assert "n=8" in (out / "results.md").read_text().split("|")[1]
+
+
+def test_aa_on_a_subset_stores_natural_and_pgd_on_it_and_the_row_says_each_n(run_copy):
+    npz, out = run_copy
+    main(["--eval", str(out / "last.pt"), "--metrics", "nat,aa", "--aa-n", "8", "--aa-attacks", "apgd-ce",
+          "--eval-steps", "2"])
+    res = json.load(open(out / "eval.json"))
+    model = common.build_model("cnn_small", 4)
+    model.load_state_dict(torch.load(out / "last.pt", weights_only=False)["models"]["adv"])
+    x = torch.from_numpy(np.load(npz)["x_test"][:8]).permute(0, 3, 1, 2).float() / 255
+    nat8 = (common.predict(model.eval(), x) == torch.from_numpy(np.load(npz)["y_test"][:8])).float().mean().item()
+    sub = res["aa_subset"]
+    assert res["aa_n"] == sub["n"] == 8 and sub["natural"] == pytest.approx(nat8) and 0 <= sub["pgd"] <= 1
+    cells = [c.strip() for c in (out / "results.md").read_text().split("|")[1:-1]]
+    assert "n=32" in cells[0]  # every column, unless it says otherwise
+    assert cells[5] == (f"{100 * res['aa']:.2f} (n=8; natural {100 * sub['natural']:.2f}, "
+                        f"PGD-2 {100 * sub['pgd']:.2f} on them)")
 
 
 @pytest.mark.parametrize("case,needle", [
