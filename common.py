@@ -9,11 +9,13 @@ Sections, in the order data flows (search for the banner "# N. name"):
                  plugin_train (L_TP and the other RELATION_LOSSES), plugin_lbgat -> PLUGINS; AWP
   5. training    train_step (one step of Algorithm 1), train (epochs, checkpoints, resume)
   6. evaluation  evaluate (natural, PGD-20, CW-20, AutoAttack, kNN topology score, test L_TP), sanity_checks
-  7. run I/O     build_parser (the CLI shared by every script), run folders, main
+  7. run I/O     build_parser (the CLI shared by every script), run folders (run_lock), run, evaluate_run, main
 Experiment scripts (exp_*.py) hold the paper's settings and call `main(defaults)`.
 Inputs are in [0, 1] everywhere; no normalisation happens outside the models.
 """
 import argparse
+import contextlib
+import fcntl
 import json
 import math
 import os
@@ -1196,9 +1198,11 @@ class StopFlag:
         return 128 + int(StopFlag.signal_number)
 
 
-def train(cfg, run_dir, data, resume=False, log=print):
+def train(cfg, run_dir, data, resume=False, log=print, on_start=None):
     """The epoch loop: train, monitor, checkpoint (last.pt every epoch, best.pt by PGD accuracy).
-    Returns the models; raises Interrupted after saving last.pt when a signal asked it to stop."""
+    on_start() runs once the models, optimisers and batches are known to work, before the first step
+    (run() creates the run folder's files there). Returns the models; raises Interrupted after saving
+    last.pt when a signal asked it to stop."""
     device = torch.device(cfg.device)
     seed_everything(cfg.seed)
     models = build_models(cfg, data.num_classes, device)
@@ -1219,6 +1223,8 @@ def train(cfg, run_dir, data, resume=False, log=print):
     n_batches = len(data.x_train) // cfg.batch_size  # drop the last incomplete batch (L_TP needs N >= 2)
     if n_batches == 0:
         raise UserError(f"the training set ({len(data.x_train)} images) is smaller than one batch ({cfg.batch_size})")
+    if on_start:
+        on_start()
     log(f"{cfg.method}{''.join(' +' + p for p in active_plugins(cfg))}: M'={cfg.arch}"
         + (f", M={cfg.std_arch}" if models.std is not None else "") + f", {len(data.x_train)} train / "
         f"{len(data.x_test)} test images, {data.num_classes} classes, eps {cfg.eps:.4f}, device {device}")
@@ -2068,16 +2074,12 @@ def init_run_dir(run_dir):
 
 
 def run_status(run_dir):
-    """'missing', 'partial' (resume it) or 'done' (all epochs in metrics.jsonl)."""
-    metrics = os.path.join(run_dir, "metrics.jsonl")
-    if not os.path.isfile(os.path.join(run_dir, "last.pt")) or not os.path.isfile(os.path.join(run_dir, "config.json")):
+    """'missing', 'partial' (resume it) or 'done' (last.pt holds the final epoch: metrics.jsonl may hold a
+    row the checkpoint does not, when a process was killed between the two)."""
+    last = os.path.join(run_dir, "last.pt")
+    if not os.path.isfile(last) or not os.path.isfile(os.path.join(run_dir, "config.json")):
         return "missing"
-    epochs = load_run_config(run_dir).epochs
-    done = 0
-    if os.path.isfile(metrics):
-        with open(metrics) as fh:
-            done = max((json.loads(line)["epoch"] for line in fh if line.strip()), default=0)
-    return "done" if done >= epochs else "partial"
+    return "done" if checkpoint_progress(last)["epoch"] >= load_run_config(run_dir).epochs else "partial"
 
 
 def load_run_config(run_dir):
@@ -2114,22 +2116,190 @@ def make_logger(run_dir):
     return log
 
 
-def run(cfg, run_dir, resume=False, overwrite=False, command=""):
-    """Train one run in run_dir -> run_dir. resume: continue from last.pt there (pass the run's own
-    Config, load_run_config); overwrite: replace the run there. Nothing is written before the settings
-    and the data have been checked. Raises UserError, Diverged, Interrupted."""
-    validate(cfg)
-    check_run_dir(run_dir, resume, overwrite)
-    data = load_data(cfg, torch.device(cfg.device))  # bad data -> error before anything is written
+# Run folders: one process at a time (run_lock), checked before any work (check_writable), tidied after a
+# kill -9 (remove_stale_temps, drop_metrics_after), files written only once training starts (start_run_dir).
+@contextlib.contextmanager
+def run_lock(run_dir):
+    """Hold <run_dir>/.lock (an exclusive fcntl.flock; the file names our PID) while training, resuming,
+    overwriting or evaluating there: a second process gets one line naming the holder (UserError). The
+    kernel drops the lock when the process ends, even on kill -9, so a stale .lock blocks nothing.
+    Folders this call had to create are removed again when nothing else was written into them."""
+    made = missing_dirs(run_dir)
+    try:
+        fd = acquire_lock(run_dir)
+    except BaseException:
+        remove_empty_dirs(made)
+        raise
+    try:
+        yield
+    finally:
+        with contextlib.suppress(OSError):  # removed while still held: see acquire_lock's retry
+            os.remove(os.path.join(run_dir, ".lock"))
+        remove_empty_dirs(made)
+        os.close(fd)
+
+
+def missing_dirs(path):
+    """The folders of path that do not exist yet, deepest first."""
+    out, p = [], os.path.abspath(path)
+    while not os.path.exists(p):
+        out.append(p)
+        p = os.path.dirname(p)
+    return out
+
+
+def remove_empty_dirs(dirs):
+    for d in dirs:  # deepest first; stop at the first one that holds something
+        try:
+            os.rmdir(d)
+        except OSError:
+            break
+
+
+def acquire_lock(run_dir):
+    """-> the fd of <run_dir>/.lock, flock'ed. If the holder removed the file between our open and our
+    flock (run_lock's release), the lock we got is on a dead file: open it again."""
+    path = os.path.join(run_dir, ".lock")
+    for _ in range(100):
+        try:
+            os.makedirs(run_dir, exist_ok=True)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise UserError(f"cannot use {run_dir} as a run folder ({e.strerror or e}); choose another --out / --runs-dir")
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise UserError(f"run folder {run_dir} is in use by process {read_pid(path)} (it holds {path}); "
+                            "wait until that process ends, or use another folder") from None
+        if same_file(fd, path):
+            try:
+                os.ftruncate(fd, 0)
+                os.write(fd, f"{os.getpid()}\n".encode())
+            except OSError as e:
+                os.close(fd)
+                raise UserError(f"cannot write to the run folder {run_dir} ({e.strerror or e})") from None
+            return fd
+        os.close(fd)
+    raise UserError(f"could not lock {path}: other processes keep replacing it")
+
+
+def same_file(fd, path):
+    try:
+        a, b = os.fstat(fd), os.stat(path)
+    except FileNotFoundError:
+        return False
+    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
+
+
+def read_pid(path):
+    try:
+        with open(path) as fh:
+            return fh.read().strip() or "?"
+    except OSError:
+        return "?"
+
+
+PROBE_BYTES = 1 << 16
+
+
+def check_writable(folder):
+    """Write, sync and delete a 64 KiB probe file: a read-only or full folder is refused here, before data
+    are loaded or attacks run, not after minutes of work."""
+    probe = os.path.join(folder, f".probe{os.getpid()}")
+    try:
+        with open(probe, "wb") as fh:
+            fh.write(bytes(PROBE_BYTES))
+            fh.flush()
+            os.fsync(fh.fileno())
+    except OSError as e:
+        raise UserError(f"cannot write to {folder} ({e.strerror or e}); free space there or choose another folder") from None
+    finally:
+        with contextlib.suppress(OSError):
+            os.remove(probe)
+
+
+def remove_stale_temps(run_dir, log):
+    """name.tmpPID files (save_checkpoint, write_atomic) of a process that died while writing: stale,
+    since we hold the folder's lock."""
+    for name in sorted(os.listdir(run_dir)):
+        base, _, pid = name.rpartition(".tmp")
+        if base in RUN_FILES and pid.isdigit():
+            os.remove(os.path.join(run_dir, name))
+            log(f"removed {name}, left by a process that died while writing it")
+
+
+def metrics_epoch(line):
+    try:
+        return int(json.loads(line)["epoch"])
+    except (ValueError, KeyError, TypeError):  # a torn last line of a killed process
+        return None
+
+
+def drop_metrics_after(run_dir, epoch, log):
+    """metrics.jsonl rows past the checkpoint's epoch (a process killed between appending a row and saving
+    last.pt): the resumed run writes those epochs again, so they would be there twice."""
+    path = os.path.join(run_dir, "metrics.jsonl")
+    if not os.path.isfile(path):
+        return
+    with open(path) as fh:
+        lines = [line for line in fh if line.strip()]
+    keep = [line for line in lines if metrics_epoch(line) is not None and metrics_epoch(line) <= epoch]
+    if len(keep) < len(lines):
+        write_atomic(path, "".join(line if line.endswith("\n") else line + "\n" for line in keep))
+        log(f"metrics.jsonl: dropped {len(lines) - len(keep)} rows past epoch {epoch}, the epoch of last.pt")
+
+
+def already_finished(run_dir, cfg):
+    """--resume of a run whose last.pt holds its final epoch: nothing to do (exit 0), said on one line."""
+    done = checkpoint_progress(os.path.join(run_dir, "last.pt"))["epoch"]
+    if done >= cfg.epochs:
+        print(f"{run_dir}: already finished ({done} epochs); nothing to resume")
+    return done >= cfg.epochs
+
+
+def start_run_dir(run_dir, cfg, resume, command, log):
+    """The run folder's files, written once training is sure to start: a new run's config.json (after
+    --overwrite cleared the old run's files); a resumed run drops what a killed process left behind."""
     if not resume:
         init_run_dir(run_dir)
         with open(os.path.join(run_dir, "config.json"), "w") as fh:
             json.dump({"config": cfg.to_dict(), "versions": versions(), "git_commit": git_commit(), "command": command,
                        "started": time.strftime("%Y-%m-%d %H:%M:%S")}, fh, indent=2)
-    log = make_logger(run_dir)
     log(f"run folder: {run_dir}")
-    train(cfg, run_dir, data, resume=resume, log=log)
+    remove_stale_temps(run_dir, log)
+    if resume:
+        drop_metrics_after(run_dir, checkpoint_progress(os.path.join(run_dir, "last.pt"))["epoch"], log)
+
+
+def run(cfg, run_dir, resume=False, overwrite=False, command=""):
+    """Train one run in run_dir -> run_dir. resume: continue from last.pt there (pass the run's own
+    Config, load_run_config); overwrite: replace the run there. The folder is locked throughout
+    (run_lock); its files appear only once the settings, the folder, the data, the models and the batch
+    size have been checked, so a start that fails leaves nothing. Raises UserError, Diverged, Interrupted."""
+    validate(cfg)
+    with run_lock(run_dir):
+        check_run_dir(run_dir, resume, overwrite)
+        if resume and already_finished(run_dir, cfg):
+            return run_dir
+        check_writable(run_dir)
+        data = load_data(cfg, torch.device(cfg.device))  # bad data -> error before anything is written
+        log = make_logger(run_dir)
+        train(cfg, run_dir, data, resume=resume, log=log,
+              on_start=lambda: start_run_dir(run_dir, cfg, resume, command, log))
     return run_dir
+
+
+def evaluate_run(ckpt, ecfg, out_dir, log=print):
+    """--eval: evaluate ckpt and merge the results into out_dir's eval.json / results.md (write_eval),
+    holding out_dir's lock; a folder that cannot take them is refused before any attack runs."""
+    validate_eval(ecfg)
+    if not os.path.isfile(ckpt):
+        raise UserError(f"checkpoint {ckpt} not found")
+    with run_lock(out_dir):
+        check_writable(out_dir)
+        remove_stale_temps(out_dir, log)
+        return write_eval(evaluate(ckpt, ecfg, out_dir, log), out_dir, log)
 
 
 def eval_config(given):
@@ -2159,7 +2329,7 @@ def main(defaults, argv=None, prefix=None):
             return None
         if given.get("eval"):
             out_dir = os.path.dirname(os.path.abspath(given["eval"]))
-            write_eval(evaluate(given["eval"], eval_config(given), out_dir), out_dir)
+            evaluate_run(given["eval"], eval_config(given), out_dir)
             return out_dir
         cfg = make_config(defaults, given)
         run_dir = given.get("out") or os.path.join(given.get("runs_dir", "runs"), run_name(cfg, name_base(defaults, cfg), prefix))

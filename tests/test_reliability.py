@@ -91,8 +91,143 @@ def snapshot(folder):
 
 
 # ------------------------------------------------------------------------------------- run folders
+def test_a_second_process_is_locked_out_of_a_run_folder(finished, tmp_path):
+    """Two runs with the same --out at the same moment: the second gets one line naming the holder."""
+    npz, _ = finished
+    out = tmp_path / "r"
+    fd = hold_lock(out)
+    try:
+        r = cli(*tiny_args(npz, out, "--method", "at", "--epochs", "1"))
+    finally:
+        os.close(fd)
+    assert r.returncode == 2, r.stderr
+    assert f"in use by process {os.getpid()}" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert os.listdir(out) == [".lock"]  # nothing trained, nothing written
+
+
+@pytest.mark.parametrize("mode", ["--resume", "--overwrite", "--eval"])
+def test_lock_covers_resume_overwrite_and_eval(run_copy, mode, capsys):
+    npz, out = run_copy
+    before = snapshot(out)
+    argv = {"--eval": ["--eval", str(out / "last.pt"), "--metrics", "nat"],
+            "--resume": ["--data-file", npz, "--out", str(out), "--device", "cpu", "--resume"],
+            "--overwrite": tiny_args(npz, out, "--method", "at", "--epochs", "3", "--overwrite")}[mode]
+    fd = hold_lock(out)
+    try:
+        err = refused(argv, capsys)
+    finally:
+        os.close(fd)
+    assert f"in use by process {os.getpid()}" in err
+    assert snapshot(out) == before
+
+
+def test_lock_is_released_when_its_holder_is_killed(tmp_path):
+    folder = tmp_path / "r"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time, common\nwith common.run_lock(sys.argv[1]):\n"
+                               "    print('held', flush=True)\n    time.sleep(120)", str(folder)],
+                              cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(common.UserError, match=f"in use by process {holder.pid}"):
+            with common.run_lock(folder):
+                pass
+    finally:
+        holder.kill()  # SIGKILL: no Python cleanup runs, the .lock file stays
+        holder.wait()
+    assert os.path.isfile(folder / ".lock")
+    with common.run_lock(folder):  # the kernel dropped the dead holder's lock
+        assert (folder / ".lock").read_text().strip() == str(os.getpid())
+    with pytest.raises(ValueError):  # an error inside: released too, and the empty folder goes again
+        with common.run_lock(tmp_path / "new" / "r"):
+            raise ValueError
+    assert not os.path.exists(tmp_path / "new")
+
+
 class Killed(BaseException):
     """What kill -9 does to the loop: nothing after it runs (main() catches no BaseException)."""
+
+
+def test_resume_after_a_kill_between_metrics_row_and_checkpoint(finished, tmp_path, monkeypatch):
+    npz, full = finished
+    out = tmp_path / "r"
+    real = common.save_checkpoint
+
+    def dying(path, models, opts, progress, cfg):  # epoch 2's row is in metrics.jsonl, last.pt half-written
+        if progress["epoch"] == 2 and path.endswith("last.pt"):
+            with open(f"{path}.tmp{os.getpid()}", "wb") as fh:
+                fh.write(b"half a checkpoint")
+            raise Killed
+        return real(path, models, opts, progress, cfg)
+    monkeypatch.setattr(common, "save_checkpoint", dying)
+    with pytest.raises(Killed):
+        main(tiny_args(npz, out, "--method", "at"))
+    (out / ".lock").write_text("999999\n")  # kill -9 leaves the lock file (not the lock) behind
+    assert [r["epoch"] for r in rows(out)] == [1, 2] and progress(out)["epoch"] == 1
+    status = common.run_status(out)  # what a study sees now
+    monkeypatch.setattr(common, "save_checkpoint", real)
+    main(["--data-file", npz, "--out", str(out), "--device", "cpu", "--resume"])
+    drop = lambda r: {k: v for k, v in r.items() if k != "seconds"}
+    assert [drop(r) for r in rows(out)] == [drop(r) for r in rows(full)]  # epochs 1, 2 once, as uninterrupted
+    assert not [f for f in os.listdir(out) if ".tmp" in f]
+    assert status == "partial"  # epoch 2's row did not make the run look finished
+
+
+@pytest.mark.parametrize("case", ["batch larger than the data", "label = class count", "missing std checkpoint",
+                                  "existing empty folder"])
+def test_a_start_that_fails_leaves_no_run_folder(case, finished, tmp_path, capsys):
+    npz, _ = finished
+    out = tmp_path / "a" / "r"
+    extra = {"batch larger than the data": ["--batch-size", "100"],
+             "missing std checkpoint": ["--train", "--std-ckpt", str(tmp_path / "nothing.pt")]}.get(case, [])
+    if case == "label = class count":
+        npz = make_npz(tmp_path / "bad.npz", y_test=np.full(32, 4))
+    if case == "existing empty folder":
+        os.makedirs(out)
+        extra = ["--batch-size", "100"]
+    refused(tiny_args(npz, out, "--method", "at", *extra), capsys)
+    if case == "existing empty folder":
+        assert os.listdir(out) == []
+    else:
+        assert not os.path.exists(tmp_path / "a")
+    main(tiny_args(make_npz(tmp_path / "good.npz"), out, "--method", "at", "--epochs", "1"))  # the command now works
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_saves_a_checkpoint_and_exits_128_plus_its_number(sig, finished, tmp_path):
+    npz, _ = finished
+    out = tmp_path / "r"
+    p = subprocess.Popen([sys.executable, "exp_cifar10.py", *tiny_args(npz, out, "--method", "at", "--epochs", "1000")],
+                         cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        while not (out / "last.pt").exists() and p.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+        p.send_signal(sig)
+        err = p.communicate(timeout=120)[1]
+    finally:
+        p.kill()
+    assert p.returncode == 128 + sig, err  # 143 for SIGTERM, 130 for SIGINT
+    assert "interrupted" in err.strip().splitlines()[-1] and "--resume" in err
+    assert 1 <= progress(out)["epoch"] < 1000
+
+
+def test_resume_of_a_finished_run_says_so_and_exits_0(run_copy, capsys):
+    npz, out = run_copy
+    before = snapshot(out)
+    capsys.readouterr()
+    main(["--data-file", npz, "--out", str(out), "--device", "cpu", "--resume"])  # no SystemExit: exit code 0
+    assert "already finished (2 epochs)" in capsys.readouterr().out
+    assert snapshot(out) == before
+
+
+@pytest.mark.parametrize("flag", [["--lr", "0.05"], ["--epochs", "3"], ["--method", "trades"], ["--train"],
+                                  ["--steps", "3"], ["--train-n", "32"]])
+def test_resume_refuses_flags_that_change_the_run_but_not_where_it_runs(run_copy, flag, capsys):
+    npz, out = run_copy
+    err = refused(["--data-file", npz, "--out", str(out), "--resume", *flag], capsys)
+    assert f"{flag[0]} " in err and "would change the run" in err
+    moved = shutil.copy(npz, str(out.parent / "moved.npz"))  # --device and --data-file may change
+    main(["--data-file", moved, "--out", str(out), "--device", "cpu", "--resume"])
 
 
 def unwritable(folder):
@@ -110,6 +245,28 @@ def limit_file_size():  # a full disk, as a process sees it: writes past 1 KiB f
     resource.setrlimit(resource.RLIMIT_FSIZE, (1024, 1024))
 
 
+@pytest.mark.parametrize("what", ["train", "eval"])
+@pytest.mark.parametrize("how", ["read-only", "full"])
+def test_an_unwritable_folder_is_refused_before_any_work(run_copy, tmp_path, what, how):
+    npz, run_dir = run_copy
+    before = snapshot(run_dir)
+    # training: a data file that does not exist, so the one line must be about the folder, found first
+    argv = (["--eval", str(run_dir / "last.pt")] if what == "eval"
+            else tiny_args(str(tmp_path / "missing.npz"), run_dir / "new", "--method", "at"))
+    undo = unwritable(run_dir) if how == "read-only" else None
+    try:
+        r = cli(*argv, preexec_fn=limit_file_size if how == "full" else None, timeout=300)
+    finally:
+        if undo:
+            undo()
+    assert r.returncode == 2, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
+    assert "cannot" in r.stderr and "missing.npz" not in r.stderr
+    assert "evaluating" not in r.stdout  # no attack started
+    assert snapshot(run_dir) == before and not os.path.exists(run_dir / "new")
+
+
+# ------------------------------------------------------------------------------------- data validation
 BAD_DATA = {  # case -> (arrays that replace good ones, whether class_names are saved, what the line says)
     "label = class count": (lambda rng: {"y_train": np.r_[rng.integers(0, 4, 63), 4]}, True, "outside [0, 4)"),
     "negative label": (lambda rng: {"y_test": np.r_[rng.integers(0, 4, 31), -1]}, False, "outside [0, 4)"),
@@ -191,6 +348,20 @@ def test_a_data_file_that_is_no_npz_says_what_it_is(kind, needle, tmp_path, caps
     assert not os.path.exists(tmp_path / "r")
 
 
+@pytest.mark.parametrize("flags,needle", [(["--aa-n", "-1"], "--aa-n must be >= 0"),
+                                          (["--test-n", "0"], "--test-n: must be >= 1"),
+                                          (["--knn-k", "0,5"], "--knn-k must be >= 1"),
+                                          (["--arch", "resnet18"], "--arch cannot apply"),
+                                          (["--train-n", "8"], "--train-n cannot apply"),
+                                          (["--lr", "0.5"], "--lr cannot apply")])
+def test_eval_refuses_bad_numbers_and_flags_it_cannot_apply(run_copy, flags, needle, capsys):
+    _, out = run_copy
+    before = snapshot(out)
+    assert needle in refused(["--eval", str(out / "last.pt"), *flags], capsys)
+    assert snapshot(out) == before
+
+
+# ------------------------------------------------------------------------------------- evaluation files
 def test_eval_merges_per_metric_and_regenerates_results_md(run_copy, capsys):
     _, out = run_copy
     ev = ["--eval", str(out / "last.pt"), "--eval-steps", "2", "--knn-k", "1"]
