@@ -9,12 +9,13 @@ Sections, in the order data flows (search for the banner "# N. name"):
                  plugin_train (L_TP and the other RELATION_LOSSES), plugin_lbgat -> PLUGINS; AWP
   5. training    train_step (one step of Algorithm 1), train (epochs, checkpoints, resume)
   6. evaluation  evaluate (natural, PGD-20, CW-20, AutoAttack, kNN topology score, test L_TP), sanity_checks
-  7. run I/O     build_parser (the CLI shared by every script), run folders, main
+  7. run I/O     build_parser (the CLI shared by every script), run folders (run_lock), run, evaluate_run, main
 Experiment scripts (exp_*.py) hold the paper's settings and call `main(defaults)`.
 Inputs are in [0, 1] everywhere; no normalisation happens outside the models.
 """
 import argparse
 import contextlib
+import fcntl
 import json
 import math
 import os
@@ -24,6 +25,7 @@ import signal
 import subprocess
 import sys
 import time
+import zipfile
 from dataclasses import MISSING, dataclass, field, fields
 
 import numpy as np
@@ -63,8 +65,12 @@ TORCHVISION_SETS = {"cifar10": ("CIFAR10", 10), "cifar100": ("CIFAR100", 100)}
 
 def load_npz(path):
     """Arrays with the schema of shared/data/README.md: x_* uint8 NHWC, y_* int."""
+    if os.path.isdir(path):
+        raise UserError(f"data file {path} is a directory; give the .npz file itself")
     if not os.path.isfile(path):
         raise UserError(f"data file {path} not found (expected an .npz with keys {', '.join(NPZ_KEYS)})")
+    if not zipfile.is_zipfile(path):  # np.load would return a lone array (.npy) or try to unpickle it
+        raise UserError(f"data file {path} is not an .npz archive (np.savez writes one with keys {', '.join(NPZ_KEYS)})")
     try:
         with np.load(path, allow_pickle=False) as z:
             missing = [k for k in NPZ_KEYS if k not in z.files]
@@ -226,6 +232,35 @@ def to_device_uint8(x_nhwc, device):
     return torch.from_numpy(np.ascontiguousarray(x_nhwc)).permute(0, 3, 1, 2).contiguous().to(device)
 
 
+def check_labels(arrays, names, source):
+    """Every loader's arrays, checked once at load: non-empty splits, one integer label per image, each
+    in [0, num_classes). num_classes: len(class_names) when the data names its classes, else max + 1.
+    -> num_classes; a failure is a UserError naming the source."""
+    for split in ("train", "test"):
+        x, y = np.asarray(arrays[f"x_{split}"]), np.asarray(arrays[f"y_{split}"])
+        if len(x) == 0:
+            raise UserError(f"{source}: the {split} split is empty (x_{split} has no images)")
+        if y.ndim != 1:
+            raise UserError(f"{source}: y_{split} must be 1-D (one label per image), got shape {y.shape}")
+        if len(y) != len(x):
+            raise UserError(f"{source}: x_{split} has {len(x)} images but y_{split} has {len(y)} labels")
+        if y.dtype == bool or not np.issubdtype(y.dtype, np.integer):
+            raise UserError(f"{source}: y_{split} must hold integer class indices, got dtype {y.dtype}")
+    ys = {split: np.asarray(arrays[f"y_{split}"]) for split in ("train", "test")}
+    num_classes = len(names) if names else int(max(y.max() for y in ys.values())) + 1
+    for split, y in ys.items():
+        bad = y[(y < 0) | (y >= num_classes)]
+        if len(bad):
+            where = f"class_names lists {num_classes} classes" if names else "labels must be >= 0"
+            raise UserError(f"{source}: y_{split} holds {len(bad)} labels outside [0, {num_classes}) "
+                            f"(e.g. {int(bad[0])}); {where}")
+    missing = sorted(set(range(num_classes)) - set(ys["train"].tolist()))
+    if missing and not names:  # max + 1 counts a class the training set never shows: say so
+        tqdm.write(f"WARNING: {source}: classes {missing[:10]} never occur in the training labels; "
+                   f"assuming {num_classes} classes (labels 0..{num_classes - 1})")
+    return num_classes
+
+
 def load_data(cfg, device):
     """Load the configured data set; subset it with --train-n / --test-n (0 = all)."""
     if cfg.data_file:
@@ -239,6 +274,7 @@ def load_data(cfg, device):
                             f"{cfg.data_dir}, or pass --data-file X.npz)")
     else:
         arrays, names = load_torchvision(cfg.dataset, cfg.data_dir)
+    num_classes = check_labels(arrays, names, f"data {cfg.data_file or cfg.dataset}")
     if cfg.train_n:
         arrays["x_train"], arrays["y_train"] = arrays["x_train"][:cfg.train_n], arrays["y_train"][:cfg.train_n]
     if cfg.test_n:
@@ -246,8 +282,6 @@ def load_data(cfg, device):
     if cfg.image_size and arrays["x_train"].shape[1] != cfg.image_size:  # Tiny ImageNet: 64 -> 32 as in the paper
         for k in ("x_train", "x_test"):
             arrays[k] = resize_images(arrays[k], cfg.image_size)
-    y_all = np.concatenate([arrays["y_train"], arrays["y_test"]])
-    num_classes = max(len(names), int(y_all.max()) + 1)
     return Data(to_device_uint8(arrays["x_train"], device), torch.as_tensor(arrays["y_train"], dtype=torch.long, device=device),
                 to_device_uint8(arrays["x_test"], device), torch.as_tensor(arrays["y_test"], dtype=torch.long, device=device),
                 num_classes, names)
@@ -520,6 +554,22 @@ def load_model_state(model, state):
     """Strict load; strips the 'module.' prefix of DataParallel checkpoints."""
     state = {k[7:] if k.startswith("module.") else k: v for k, v in state.items()}
     model.load_state_dict(state, strict=True)
+
+
+def fit_weights(model, state, what, arch, num_classes):
+    """load_model_state for a checkpoint a person chose: weights of another class count or another arch
+    are one line (UserError) instead of PyTorch's page-long RuntimeError."""
+    if not isinstance(state, dict):
+        raise UserError(f"{what} holds no weights")
+    fc = getattr(getattr(model, "fc", None), "weight", None)  # the last layer: one row per class
+    fc_name = next((n for n, p in model.named_parameters() if p is fc), None)
+    saved = state.get(fc_name, state.get(f"module.{fc_name}"))
+    if isinstance(saved, torch.Tensor) and saved.ndim == 2 and saved.shape[0] != num_classes:
+        raise UserError(f"{what} was trained on {saved.shape[0]} classes, but the data set has {num_classes}")
+    try:
+        load_model_state(model, state)
+    except (RuntimeError, AttributeError) as e:
+        raise UserError(f"{what} does not fit its saved arch {arch}: {' '.join(str(e).split())[:300]}")
 
 
 # =====================================================================================
@@ -1114,6 +1164,36 @@ def load_checkpoint(path, device):
         raise UserError(f"could not read checkpoint {path}: {type(e).__name__}: {e}")
 
 
+def checkpoint_kind(ck):
+    """What a loaded .pt holds: "run" (one of ours: config, models, progress), "state_dict" (bare weights,
+    e.g. a public model, possibly under "state_dict" / "model") or "other"."""
+    if isinstance(ck, dict) and all(isinstance(ck.get(k), dict) for k in ("config", "models", "progress")):
+        return "run"
+    inner = ck.get("state_dict", ck.get("model", ck)) if isinstance(ck, dict) else None
+    if isinstance(inner, dict) and inner and all(isinstance(v, torch.Tensor) for v in inner.values()):
+        return "state_dict"
+    return "other"
+
+
+def check_run_checkpoint(ck, path):
+    """Only our own checkpoints carry the settings evaluation needs; anything else is one line."""
+    kind = checkpoint_kind(ck)
+    if kind == "state_dict":
+        raise UserError(f"{path} is a bare state_dict (weights only, no settings): evaluating it needs --arch and "
+                        "--dataset, which --eval does not take yet; evaluate a checkpoint of a TRAIN run")
+    if kind != "run":
+        what = f"a dict with keys {sorted(ck)[:6]}" if isinstance(ck, dict) else f"a {type(ck).__name__}"
+        raise UserError(f"{path} is not a TRAIN checkpoint (it holds {what}; ours hold config, models, progress)")
+
+
+def checkpoint_progress(path):
+    """A checkpoint's progress (epoch, step) without reading its weights: memory-mapped, cheap for any size."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False, mmap=True)["progress"]
+    except Exception as e:
+        raise UserError(f"could not read checkpoint {path}: {type(e).__name__}: {e}")
+
+
 def load_std_checkpoint(models, cfg, device):
     """--std-ckpt: M from a finished run; a `--method standard` run's trained model is its "adv" slot."""
     if models.std is None:
@@ -1180,9 +1260,11 @@ class StopFlag:
         return 128 + int(StopFlag.signal_number)
 
 
-def train(cfg, run_dir, data, resume=False, log=print):
+def train(cfg, run_dir, data, resume=False, log=print, on_start=None):
     """The epoch loop: train, monitor, checkpoint (last.pt every epoch, best.pt by PGD accuracy).
-    Returns the models; raises Interrupted after saving last.pt when a signal asked it to stop."""
+    on_start() runs once the models, optimisers and batches are known to work, before the first step
+    (run() creates the run folder's files there). Returns the models; raises Interrupted after saving
+    last.pt when a signal asked it to stop."""
     device = torch.device(cfg.device)
     seed_everything(cfg.seed)
     models = build_models(cfg, data.num_classes, device)
@@ -1206,6 +1288,8 @@ def train(cfg, run_dir, data, resume=False, log=print):
     n_batches = len(data.x_train) // cfg.batch_size  # drop the last incomplete batch (L_TP needs N >= 2)
     if n_batches == 0:
         raise UserError(f"the training set ({len(data.x_train)} images) is smaller than one batch ({cfg.batch_size})")
+    if on_start:
+        on_start()
     accelerate(models, cfg)
     save = lambda path, progress: save_checkpoint(path, models, opts, progress, cfg, scaler)
     log(f"{cfg.method}{''.join(' +' + p for p in active_plugins(cfg))}: M'={cfg.arch}"
@@ -1467,6 +1551,14 @@ def tsne_plot(model, data, x_adv, path, title, seed=1, n=512, max_classes=10, ad
     return path
 
 
+def aa_subset_scores(model, x, y, correct, pgd, batch_size):
+    """Natural and PGD accuracy on the n images AutoAttack saw, so its column compares like with like;
+    PGD runs on them here when the evaluation did not run it on every image."""
+    n = len(x)
+    pgd_ok = correct["pgd"][:n] if "pgd" in correct else correct_under(model, x, y, pgd, batch_size, desc="PGD on AA's")[1]
+    return {"n": n, "natural": correct["natural"][:n].float().mean().item(), "pgd": pgd_ok.float().mean().item()}
+
+
 def evaluate(ckpt_path, ecfg, out_dir=None, log=print):
     """Every metric of the paper's tables for one checkpoint -> a dict (eval.json's content).
 
@@ -1474,6 +1566,7 @@ def evaluate(ckpt_path, ecfg, out_dir=None, log=print):
     write_eval() stores the results. Raises UserError, SanityError."""
     device = torch.device(ecfg.device)
     ck = load_checkpoint(ckpt_path, device)
+    check_run_checkpoint(ck, ckpt_path)
     run_cfg = Config.from_saved(ck["config"])
     for k in ("data_file", "data_dir", "test_n"):  # data may have moved since training; --test-n subsets
         if getattr(ecfg, k) is not None:
@@ -1481,7 +1574,8 @@ def evaluate(ckpt_path, ecfg, out_dir=None, log=print):
     data = load_data(run_cfg, device)
     models = build_models(run_cfg, data.num_classes, device)
     for k, m in models.saved().items():
-        load_model_state(m, ck["models"][k])
+        fit_weights(m, ck["models"].get(k), f"checkpoint {ckpt_path} ({k})",
+                    {"adv": run_cfg.arch, "std": run_cfg.std_arch}.get(k, "relation heads"), data.num_classes)
         m.eval()
     if ecfg.eval_model == "std" and models.std is None:
         raise UserError(f"--eval-model std: this checkpoint holds no standard model ({', '.join(models.saved())})")
@@ -1525,7 +1619,8 @@ def evaluate(ckpt_path, ecfg, out_dir=None, log=print):
         robust, after, _ = run_autoattack(model, x[:n], y[:n], eps, ecfg.seed, log_path, ecfg.aa_attacks or None, bs,
                                           str(device))
         correct["aa"] = torch.cat([robust, torch.zeros(len(x) - n, dtype=torch.bool, device=robust.device)])
-        res.update(aa=robust.float().mean().item(), aa_n=n, aa_after=after)
+        res.update(aa=robust.float().mean().item(), aa_n=n, aa_attacks=ecfg.aa_attacks or "standard", aa_after=after)
+        res["aa_subset"] = aa_subset_scores(model, x[:n], y[:n], correct, pgd20, bs)
         names = list(after)
         if "square" in after and len(names) > 1 and after["square"] < after[names[names.index("square") - 1]]:
             warn(f"Square (black-box) found errors the white-box attacks missed "
@@ -1535,12 +1630,14 @@ def evaluate(ckpt_path, ecfg, out_dir=None, log=print):
     worst = torch.stack([c[:n_all] for c in correct.values()]).all(0)
     res["worst_case"] = worst.float().mean().item()
     res["worst_case_n"] = n_all
+    res["worst_case_of"] = list(correct)
     for name, c in correct.items():
         if name != "natural" and (c[:n_all] & ~worst).any():
             res["sanity"][f"{name}_robust_but_broken_elsewhere"] = int((c[:n_all] & ~worst).sum())
     sanity_checks(model, x, y, ecfg, res, warn)
     if "knn" in metrics:
         res["knn"] = topology_scores(model, data, x, x_pgd, pgd20, ecfg.knn_k, ecfg.knn_train_n, bs)
+        res["knn_train_n"] = min(ecfg.knn_train_n or len(data.x_train), len(data.x_train))
     if "tp" in metrics and models.std is not None:
         res["test_ltp"] = test_topology_loss(models, x, x_pgd, run_cfg)
     if ecfg.tsne and out_dir:
@@ -1551,14 +1648,86 @@ def evaluate(ckpt_path, ecfg, out_dir=None, log=print):
     return res
 
 
+# eval.json: the flat dict of evaluate() for one "row" (checkpoint file and epoch, model, eps, PGD steps, number of
+# test images), merged over evaluations of that row; rows evaluated under other settings are kept in "earlier".
+ROW_KEYS = ("model", "epoch", "eps", "pgd_steps", "pgd_step_size", "n_test")
+EVAL_FORMAT = 2  # 2: merged rows, results.md regenerated from eval.json
+# metric -> the settings beyond the row's that define its value (a change starts a new row)
+METRIC_SETTINGS = {"natural": (), "std_natural": (), "pgd": (), "cw": ("cw_kappa",), "aa": ("aa_n", "aa_attacks"),
+                   "knn": ("knn_train_n",), "test_ltp": ()}
+
+
+def same_row(old, new):
+    """Whether new's values can stand next to old's in one row: same checkpoint, row settings, and the
+    same settings for every metric both measured."""
+    if os.path.basename(old.get("checkpoint", "")) != os.path.basename(new["checkpoint"]):
+        return False
+    if any(old.get(k) != new.get(k) for k in ROW_KEYS):
+        return False
+    both = [m for m in METRIC_SETTINGS if m in old and m in new]
+    return all(old.get(k) == new.get(k) for m in both for k in METRIC_SETTINGS[m])
+
+
+def merge_eval(old, new, log=print):
+    """eval.json after an evaluation: new's metrics over old's when they share a row (what new did not
+    measure stays), else new becomes the row and old moves to "earlier". Nothing is dropped."""
+    if not old:
+        return dict(new)
+    earlier = old.get("earlier", [])
+    old = {k: v for k, v in old.items() if k not in ("earlier", "legacy_rows", "format")}
+    if not same_row(old, new):
+        log(f"eval.json: the results of {row_label(old)} at eps {old.get('eps', 0) * 255:.2f}/255 stay in 'earlier'")
+        return {**new, "earlier": earlier + [old]}
+    again = [m for m in METRIC_SETTINGS if m in old and m in new and m != "knn" and old[m] != new[m]]
+    if again:
+        log("eval.json: measured again with the same settings: "
+            + ", ".join(f"{m} {old[m]:.4f} -> {new[m]:.4f}" for m in again))
+    warnings = old.get("warnings", [])
+    merged = {**old, **new, "warnings": warnings + [w for w in new["warnings"] if w not in warnings],
+              "sanity": {**old.get("sanity", {}), **new["sanity"]}}
+    if "knn" in old and "knn" in new:  # other k: both kept
+        merged["knn"] = {q: {**old["knn"].get(q, {}), **new["knn"][q]} for q in new["knn"]}
+    if len(old.get("worst_case_of", [])) > len(new["worst_case_of"]):  # the worst case over more attacks stays
+        merged.update({k: old[k] for k in ("worst_case", "worst_case_n", "worst_case_of") if k in old})
+    return {**merged, **({"earlier": earlier} if earlier else {})}
+
+
+def read_json(path):
+    """A JSON file written by us, or None when absent; an unreadable one is a UserError (never overwritten)."""
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path) as fh:
+            return json.load(fh)
+    except (OSError, ValueError) as e:
+        raise UserError(f"could not read {path} ({type(e).__name__}: {e}); move it away to write a new one")
+
+
+def write_atomic(path, text):
+    """Temp file + rename: a killed process leaves the old file or the new one, never half of one."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as fh:
+        fh.write(text)
+    os.replace(tmp, path)
+
+
 def write_eval(res, run_dir, log=print):
-    """eval.json and a results.md row next to the checkpoint."""
-    with open(os.path.join(run_dir, "eval.json"), "w") as fh:
-        json.dump(res, fh, indent=2)
-    row = results_row(res)
-    with open(os.path.join(run_dir, "results.md"), "a") as fh:
-        fh.write(row + "\n")
-    log(TABLE_HEADER + "\n" + row)
+    """Merge res into run_dir's eval.json (merge_eval) and regenerate results.md from it, one line per row
+    of eval.json. A results.md of the older code (appended rows) is kept: its lines become "legacy_rows"."""
+    path, md = os.path.join(run_dir, "eval.json"), os.path.join(run_dir, "results.md")
+    old = read_json(path)
+    legacy = (old or {}).get("legacy_rows")
+    if "format" not in (old or {}) and os.path.isfile(md):  # a results.md of the code that appended rows
+        with open(md) as fh:
+            legacy = [line.rstrip("\n") for line in fh if line.strip()]
+    merged = {**merge_eval(old, res, log), "format": EVAL_FORMAT}
+    if legacy:
+        merged["legacy_rows"] = legacy
+    write_atomic(path, json.dumps(merged, indent=2))
+    rows = (legacy or []) + [results_row(r) for r in merged.get("earlier", []) + [merged]]
+    write_atomic(md, "\n".join(rows) + "\n")
+    log(TABLE_HEADER + "\n" + results_row(merged))
+    return merged
 
 
 def sanity_checks(model, x, y, ecfg, res, warn, n=500):
@@ -1581,16 +1750,33 @@ TABLE_HEADER = ("| run | eps | Natural | PGD-20 | CW-20 | AA | kNN natural | kNN
                 "| --- | --- | --- | --- | --- | --- | --- | --- |")
 
 
+def row_label(res):
+    """The run cell: run, model, checkpoint file and epoch, and the number of test images of every column."""
+    return (res["run"] + ("" if res.get("model", "adv") == "adv" else " (M)")
+            + f" ({os.path.basename(res.get('checkpoint', '?'))}, epoch {res.get('epoch')}, n={res.get('n_test')})")
+
+
+def aa_cell(res, pct):
+    """AA accuracy; when it ran on fewer images than the row: its n, and natural / PGD accuracy on those images."""
+    if res.get("aa") is None or res["aa_n"] == res["n_test"]:
+        return pct(res.get("aa"))
+    sub = res.get("aa_subset")
+    on_them = f"; natural {pct(sub['natural'])}, PGD-{res['pgd_steps']} {pct(sub['pgd'])} on them" if sub else ""
+    return f"{pct(res['aa'])} (n={res['aa_n']}{on_them})"
+
+
 def results_row(res, k="30"):
-    """One markdown row in the paper's column order; kNN at k=30 (or the first k evaluated)."""
+    """One markdown row in the paper's column order; kNN at k=30 (or the first k evaluated). Every row says
+    how many test images each column used (row_label, aa_cell)."""
     def pct(v):
         return "-" if v is None else f"{100 * v:.2f}"
     knn = res.get("knn") or {}
     kk = k if k in knn.get("natural", {}) else next(iter(knn.get("natural", {})), None)
     steps_note = "" if res.get("pgd_steps", 20) == 20 else f" ({res['pgd_steps']} steps)"
-    aa = pct(res.get("aa")) + (f" (n={res['aa_n']})" if res.get("aa") is not None and res["aa_n"] != res["n_test"] else "")
-    cells = [res["run"] + ("" if res.get("model", "adv") == "adv" else " (M)"), f"{res['eps'] * 255:.2f}/255",
-             pct(res.get("natural")), pct(res.get("pgd")) + steps_note, pct(res.get("cw")) + steps_note, aa,
+    aa = aa_cell(res, pct)
+    cells = [row_label(res), f"{res['eps'] * 255:.2f}/255",
+             pct(res.get("natural")), pct(res.get("pgd")) + steps_note * ("pgd" in res),
+             pct(res.get("cw")) + steps_note * ("cw" in res), aa,
              pct(knn["natural"][kk]) if kk else "-", pct(knn["robust"][kk]) if kk else "-"]
     return "| " + " | ".join(cells) + " |"
 
@@ -1628,6 +1814,17 @@ def lam_arg(text):
         return Lambda.parse(text)
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e))
+
+
+def count_arg(text):
+    """--train-n / --test-n N: N >= 1 images (0, the default, means all: leave the flag out for that)."""
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number of images, got {text!r}")
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {n} (leave the flag out to use all images)")
+    return n
 
 
 def int_list(text):
@@ -1674,8 +1871,8 @@ class Config:
     image_size: int = setting(0, "resize images to this size first (0 = keep; Tiny ImageNet: 32)", type=int)
     data_dir: str = setting("./data", "where torchvision data sets / tiny-imagenet-200 live", PLACE)
     data_file: str = setting("", "an .npz with x_train, y_train, x_test, y_test (uint8 NHWC) instead of torchvision", PLACE)
-    train_n: int = setting(0, "use the first N training images (0 = all)", type=int)
-    test_n: int = setting(0, "use the first N test images (0 = all)", type=int)
+    train_n: int = setting(0, "use the first N >= 1 training images (not given: all)", type=count_arg)
+    test_n: int = setting(0, "use the first N >= 1 test images (not given: all)", type=count_arg)
     method: str = setting("trades", "base method (standard = natural training)", in_name=False, choices=sorted(BASE_METHODS))
     train: bool = setting(False, "add TRAIN's topology-preserving loss lambda * L_TP")
     lbgat: bool = setting(False, "add LBGAT's logit guidance gamma * MSE(M'(x'), M(x))")
@@ -1761,7 +1958,7 @@ class EvalConfig:
     device: str = setting(default_device(), "", PLACE)
     data_file: str = setting(None, "", PLACE)
     data_dir: str = setting(None, "", PLACE)
-    test_n: int = setting(None, "", type=int)
+    test_n: int = setting(None, "", type=count_arg)
 
 
 @dataclass
@@ -1857,6 +2054,34 @@ def validate(cfg):
         raise UserError("give --dataset or --data-file")
     if cfg.freeze_std and not cfg.std_ckpt:
         raise UserError("--freeze-std needs --std-ckpt (a frozen random M would teach nothing)")
+    check_lowest(cfg)
+
+
+# The lowest value of each numeric setting of Config and EvalConfig (lists: of each entry); where 0 is
+# allowed it means "all" or "off", as the flag's help says.
+LOWEST = {"image_size": 0, "train_n": 0, "test_n": 0, "steps": 1, "eval_steps": 1, "awp_warmup": 0, "seed": 0,
+          "milestones": 1, "lr": 0, "momentum": 0, "wd": 0, "beta": 0, "gamma": 0, "alp_weight": 0, "awp_gamma": 0,
+          "aa_n": 0, "knn_k": 1, "knn_train_n": 0, "eval_batch_size": 1, "cw_kappa": 0}
+
+
+def check_lowest(settings):
+    """Numeric settings of a Config / EvalConfig below their LOWEST value (e.g. --steps -1): one line."""
+    for f in fields(settings):
+        v = getattr(settings, f.name)
+        if f.name in LOWEST and v is not None and any(x < LOWEST[f.name] for x in (v if isinstance(v, list) else [v])):
+            raise UserError(f"--{f.name.replace('_', '-')} must be >= {LOWEST[f.name]}, got {shown(v)}")
+    if settings.seed >= 2 ** 32:  # numpy's limit
+        raise UserError(f"--seed must be < 2**32, got {settings.seed}")
+
+
+def validate_eval(ecfg):
+    """EvalConfig settings that parse but cannot run: one line, exit 2."""
+    check_lowest(ecfg)
+    for k in ("eps", "eval_step_size"):
+        if getattr(ecfg, k) is not None and not 0 <= getattr(ecfg, k) <= 1:
+            raise UserError(f"--{k.replace('_', '-')} must lie in [0, 1] (inputs are in [0, 1])")
+    if ecfg.device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {ecfg.device} but CUDA is not available; use --device cpu")
 
 
 def name_part(name, v):
@@ -1931,16 +2156,12 @@ def init_run_dir(run_dir):
 
 
 def run_status(run_dir):
-    """'missing', 'partial' (resume it) or 'done' (all epochs in metrics.jsonl)."""
-    metrics = os.path.join(run_dir, "metrics.jsonl")
-    if not os.path.isfile(os.path.join(run_dir, "last.pt")) or not os.path.isfile(os.path.join(run_dir, "config.json")):
+    """'missing', 'partial' (resume it) or 'done' (last.pt holds the final epoch: metrics.jsonl may hold a
+    row the checkpoint does not, when a process was killed between the two)."""
+    last = os.path.join(run_dir, "last.pt")
+    if not os.path.isfile(last) or not os.path.isfile(os.path.join(run_dir, "config.json")):
         return "missing"
-    epochs = load_run_config(run_dir).epochs
-    done = 0
-    if os.path.isfile(metrics):
-        with open(metrics) as fh:
-            done = max((json.loads(line)["epoch"] for line in fh if line.strip()), default=0)
-    return "done" if done >= epochs else "partial"
+    return "done" if checkpoint_progress(last)["epoch"] >= load_run_config(run_dir).epochs else "partial"
 
 
 def load_run_config(run_dir):
@@ -1977,22 +2198,190 @@ def make_logger(run_dir):
     return log
 
 
-def run(cfg, run_dir, resume=False, overwrite=False, command=""):
-    """Train one run in run_dir -> run_dir. resume: continue from last.pt there (pass the run's own
-    Config, load_run_config); overwrite: replace the run there. Nothing is written before the settings
-    and the data have been checked. Raises UserError, Diverged, Interrupted."""
-    validate(cfg)
-    check_run_dir(run_dir, resume, overwrite)
-    data = load_data(cfg, torch.device(cfg.device))  # bad data -> error before anything is written
+# Run folders: one process at a time (run_lock), checked before any work (check_writable), tidied after a
+# kill -9 (remove_stale_temps, drop_metrics_after), files written only once training starts (start_run_dir).
+@contextlib.contextmanager
+def run_lock(run_dir):
+    """Hold <run_dir>/.lock (an exclusive fcntl.flock; the file names our PID) while training, resuming,
+    overwriting or evaluating there: a second process gets one line naming the holder (UserError). The
+    kernel drops the lock when the process ends, even on kill -9, so a stale .lock blocks nothing.
+    Folders this call had to create are removed again when nothing else was written into them."""
+    made = missing_dirs(run_dir)
+    try:
+        fd = acquire_lock(run_dir)
+    except BaseException:
+        remove_empty_dirs(made)
+        raise
+    try:
+        yield
+    finally:
+        with contextlib.suppress(OSError):  # removed while still held: see acquire_lock's retry
+            os.remove(os.path.join(run_dir, ".lock"))
+        remove_empty_dirs(made)
+        os.close(fd)
+
+
+def missing_dirs(path):
+    """The folders of path that do not exist yet, deepest first."""
+    out, p = [], os.path.abspath(path)
+    while not os.path.exists(p):
+        out.append(p)
+        p = os.path.dirname(p)
+    return out
+
+
+def remove_empty_dirs(dirs):
+    for d in dirs:  # deepest first; stop at the first one that holds something
+        try:
+            os.rmdir(d)
+        except OSError:
+            break
+
+
+def acquire_lock(run_dir):
+    """-> the fd of <run_dir>/.lock, flock'ed. If the holder removed the file between our open and our
+    flock (run_lock's release), the lock we got is on a dead file: open it again."""
+    path = os.path.join(run_dir, ".lock")
+    for _ in range(100):
+        try:
+            os.makedirs(run_dir, exist_ok=True)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise UserError(f"cannot use {run_dir} as a run folder ({e.strerror or e}); choose another --out / --runs-dir")
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise UserError(f"run folder {run_dir} is in use by process {read_pid(path)} (it holds {path}); "
+                            "wait until that process ends, or use another folder") from None
+        if same_file(fd, path):
+            try:
+                os.ftruncate(fd, 0)
+                os.write(fd, f"{os.getpid()}\n".encode())
+            except OSError as e:
+                os.close(fd)
+                raise UserError(f"cannot write to the run folder {run_dir} ({e.strerror or e})") from None
+            return fd
+        os.close(fd)
+    raise UserError(f"could not lock {path}: other processes keep replacing it")
+
+
+def same_file(fd, path):
+    try:
+        a, b = os.fstat(fd), os.stat(path)
+    except FileNotFoundError:
+        return False
+    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
+
+
+def read_pid(path):
+    try:
+        with open(path) as fh:
+            return fh.read().strip() or "?"
+    except OSError:
+        return "?"
+
+
+PROBE_BYTES = 1 << 16
+
+
+def check_writable(folder):
+    """Write, sync and delete a 64 KiB probe file: a read-only or full folder is refused here, before data
+    are loaded or attacks run, not after minutes of work."""
+    probe = os.path.join(folder, f".probe{os.getpid()}")
+    try:
+        with open(probe, "wb") as fh:
+            fh.write(bytes(PROBE_BYTES))
+            fh.flush()
+            os.fsync(fh.fileno())
+    except OSError as e:
+        raise UserError(f"cannot write to {folder} ({e.strerror or e}); free space there or choose another folder") from None
+    finally:
+        with contextlib.suppress(OSError):
+            os.remove(probe)
+
+
+def remove_stale_temps(run_dir, log):
+    """name.tmpPID files (save_checkpoint, write_atomic) of a process that died while writing: stale,
+    since we hold the folder's lock."""
+    for name in sorted(os.listdir(run_dir)):
+        base, _, pid = name.rpartition(".tmp")
+        if base in RUN_FILES and pid.isdigit():
+            os.remove(os.path.join(run_dir, name))
+            log(f"removed {name}, left by a process that died while writing it")
+
+
+def metrics_epoch(line):
+    try:
+        return int(json.loads(line)["epoch"])
+    except (ValueError, KeyError, TypeError):  # a torn last line of a killed process
+        return None
+
+
+def drop_metrics_after(run_dir, epoch, log):
+    """metrics.jsonl rows past the checkpoint's epoch (a process killed between appending a row and saving
+    last.pt): the resumed run writes those epochs again, so they would be there twice."""
+    path = os.path.join(run_dir, "metrics.jsonl")
+    if not os.path.isfile(path):
+        return
+    with open(path) as fh:
+        lines = [line for line in fh if line.strip()]
+    keep = [line for line in lines if metrics_epoch(line) is not None and metrics_epoch(line) <= epoch]
+    if len(keep) < len(lines):
+        write_atomic(path, "".join(line if line.endswith("\n") else line + "\n" for line in keep))
+        log(f"metrics.jsonl: dropped {len(lines) - len(keep)} rows past epoch {epoch}, the epoch of last.pt")
+
+
+def already_finished(run_dir, cfg):
+    """--resume of a run whose last.pt holds its final epoch: nothing to do (exit 0), said on one line."""
+    done = checkpoint_progress(os.path.join(run_dir, "last.pt"))["epoch"]
+    if done >= cfg.epochs:
+        print(f"{run_dir}: already finished ({done} epochs); nothing to resume")
+    return done >= cfg.epochs
+
+
+def start_run_dir(run_dir, cfg, resume, command, log):
+    """The run folder's files, written once training is sure to start: a new run's config.json (after
+    --overwrite cleared the old run's files); a resumed run drops what a killed process left behind."""
     if not resume:
         init_run_dir(run_dir)
         with open(os.path.join(run_dir, "config.json"), "w") as fh:
             json.dump({"config": cfg.to_dict(), "versions": versions(), "git_commit": git_commit(), "command": command,
                        "started": time.strftime("%Y-%m-%d %H:%M:%S")}, fh, indent=2)
-    log = make_logger(run_dir)
     log(f"run folder: {run_dir}")
-    train(cfg, run_dir, data, resume=resume, log=log)
+    remove_stale_temps(run_dir, log)
+    if resume:
+        drop_metrics_after(run_dir, checkpoint_progress(os.path.join(run_dir, "last.pt"))["epoch"], log)
+
+
+def run(cfg, run_dir, resume=False, overwrite=False, command=""):
+    """Train one run in run_dir -> run_dir. resume: continue from last.pt there (pass the run's own
+    Config, load_run_config); overwrite: replace the run there. The folder is locked throughout
+    (run_lock); its files appear only once the settings, the folder, the data, the models and the batch
+    size have been checked, so a start that fails leaves nothing. Raises UserError, Diverged, Interrupted."""
+    validate(cfg)
+    with run_lock(run_dir):
+        check_run_dir(run_dir, resume, overwrite)
+        if resume and already_finished(run_dir, cfg):
+            return run_dir
+        check_writable(run_dir)
+        data = load_data(cfg, torch.device(cfg.device))  # bad data -> error before anything is written
+        log = make_logger(run_dir)
+        train(cfg, run_dir, data, resume=resume, log=log,
+              on_start=lambda: start_run_dir(run_dir, cfg, resume, command, log))
     return run_dir
+
+
+def evaluate_run(ckpt, ecfg, out_dir, log=print):
+    """--eval: evaluate ckpt and merge the results into out_dir's eval.json / results.md (write_eval),
+    holding out_dir's lock; a folder that cannot take them is refused before any attack runs."""
+    validate_eval(ecfg)
+    if not os.path.isfile(ckpt):
+        raise UserError(f"checkpoint {ckpt} not found")
+    with run_lock(out_dir):
+        check_writable(out_dir)
+        remove_stale_temps(out_dir, log)
+        return write_eval(evaluate(ckpt, ecfg, out_dir, log), out_dir, log)
 
 
 def eval_config(given):
@@ -2022,7 +2411,7 @@ def main(defaults, argv=None, prefix=None):
             return None
         if given.get("eval"):
             out_dir = os.path.dirname(os.path.abspath(given["eval"]))
-            write_eval(evaluate(given["eval"], eval_config(given), out_dir), out_dir)
+            evaluate_run(given["eval"], eval_config(given), out_dir)
             return out_dir
         cfg = make_config(defaults, given)
         run_dir = given.get("out") or os.path.join(given.get("runs_dir", "runs"), run_name(cfg, name_base(defaults, cfg), prefix))

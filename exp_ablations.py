@@ -177,9 +177,7 @@ def run_and_evaluate(study, label, settings, ecfg, dry_run, log, run_dir=None, c
     eval_json = os.path.join(run_dir, "eval.json")
     if not os.path.isfile(eval_json):
         ckpt = ckpt or ("last.pt" if cfg.method == "standard" else "best.pt")
-        res = common.evaluate(os.path.join(run_dir, ckpt), ecfg, out_dir=run_dir)
-        common.write_eval(res, run_dir)
-        return res
+        return common.evaluate_run(os.path.join(run_dir, ckpt), ecfg, run_dir)
     with open(eval_json) as fh:
         return json.load(fh)
 
