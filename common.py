@@ -14,6 +14,7 @@ Experiment scripts (exp_*.py) hold the paper's settings and call `main(defaults)
 Inputs are in [0, 1] everywhere; no normalisation happens outside the models.
 """
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -54,6 +55,8 @@ class Data:
     y_test: torch.Tensor
     num_classes: int
     class_names: list = field(default_factory=list)
+    x_val: torch.Tensor = None  # the validation split held out of training (--val-n), else None
+    y_val: torch.Tensor = None
 
 
 NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test")
@@ -250,6 +253,19 @@ def load_data(cfg, device):
     return Data(to_device_uint8(arrays["x_train"], device), torch.as_tensor(arrays["y_train"], dtype=torch.long, device=device),
                 to_device_uint8(arrays["x_test"], device), torch.as_tensor(arrays["y_test"], dtype=torch.long, device=device),
                 num_classes, names)
+
+
+def hold_out_validation(data, val_n):
+    """The last val_n training images become the validation split that picks best.pt (model selection on
+    held-out training data as in Rice et al.'s early stopping, never on the test set); training uses the rest.
+    The shared CIFAR-10 copy keeps the official training order, whose last images are about class-balanced."""
+    if not val_n:
+        return data
+    n = len(data.x_train)
+    if val_n >= n:
+        raise UserError(f"--val-n {val_n} leaves no training images (the training set has {n}); lower it, or 0 for none")
+    return dataclasses.replace(data, x_train=data.x_train[:n - val_n], y_train=data.y_train[:n - val_n],
+                               x_val=data.x_train[n - val_n:], y_val=data.y_train[n - val_n:])
 
 
 def epoch_plan(n, seed, epoch, pad=4):
@@ -1077,19 +1093,45 @@ def train_step(models, opts, x, y, cfg, epoch):
     return {k: v.detach() for k, v in terms.items()}
 
 
-def epoch_eval(models, data, cfg, epoch):
-    """Per-epoch monitoring on the first --eval-n test images; its randomness is forked from a
-    fixed seed so it neither depends on nor disturbs the training stream."""
-    x, y = to_float(data.x_test[:cfg.eval_n]), data.y_test[:cfg.eval_n]
+def monitored_accuracies(named_models, x, y, cfg, seed):
+    """{prefix + "nat_acc", prefix + "pgd<k>_acc"} of each (prefix, model) on x; the randomness is forked from
+    `seed` so monitoring neither depends on nor disturbs the training stream."""
     attack = pgd_attack(cfg.eps, cfg.eval_step_size, cfg.eval_steps)
     acc = lambda model, atk=None: correct_under(model, x, y, atk)[1].float().mean().item()
+    out = {}
     with torch.random.fork_rng(devices=[x.device] if x.is_cuda else []):
-        torch.manual_seed(cfg.seed + 7919 * epoch)
-        out = {"nat_acc": acc(models.adv), f"pgd{cfg.eval_steps}_acc": acc(models.adv, attack)}
-        if models.std is not None:
-            out["std_nat_acc"] = acc(models.std)
-            out[f"std_pgd{cfg.eval_steps}_acc"] = acc(models.std, attack)
+        torch.manual_seed(seed)
+        for prefix, model in named_models:
+            out[f"{prefix}nat_acc"] = acc(model)
+            out[f"{prefix}pgd{cfg.eval_steps}_acc"] = acc(model, attack)
     return out
+
+
+def epoch_eval(models, data, cfg, epoch):
+    """Per-epoch monitoring of M' (and M) on the first --eval-n test images: reported, never used to pick best.pt
+    when a validation split exists."""
+    named = [("", models.adv)] + ([("std_", models.std)] if models.std is not None else [])
+    return monitored_accuracies(named, to_float(data.x_test[:cfg.eval_n]), data.y_test[:cfg.eval_n], cfg,
+                                cfg.seed + 7919 * epoch)
+
+
+def val_eval(models, data, cfg, epoch):
+    """Per-epoch accuracies of M' on the validation split (val_nat_acc, val_pgd<k>_acc); {} without one."""
+    if data.x_val is None:
+        return {}
+    return monitored_accuracies([("val_", models.adv)], to_float(data.x_val), data.y_val, cfg, cfg.seed + 7919 * epoch + 1)
+
+
+def selection_metric(cfg):
+    """The metrics.jsonl column best.pt is picked by: PGD accuracy on the validation split, or with --val-n 0
+    (and in every run before validation splits existed) on the monitored test images."""
+    return f"{'val_' if cfg.val_n else ''}pgd{cfg.eval_steps}_acc"
+
+
+def checkpoint_to_evaluate(cfg):
+    """best.pt when it was picked on held-out training data; else last.pt (a best.pt picked on test images
+    would be model selection on the test set; a standard model's PGD accuracy picks nothing useful)."""
+    return "best.pt" if cfg.val_n and cfg.method != "standard" else "last.pt"
 
 
 def rng_states():
@@ -1185,7 +1227,7 @@ class StopFlag:
 
 
 def train(cfg, run_dir, data, resume=False, log=print):
-    """The epoch loop: train, monitor, checkpoint (last.pt every epoch, best.pt by PGD accuracy).
+    """The epoch loop: train, monitor, checkpoint (last.pt every epoch, best.pt by selection_metric).
     Returns the models; raises Interrupted after saving last.pt when a signal asked it to stop."""
     device = torch.device(cfg.device)
     seed_everything(cfg.seed)
@@ -1244,15 +1286,16 @@ def train(cfg, run_dir, data, resume=False, log=print):
             row.update({f"loss/{k}": v / n_batches for k, v in sums.items()})
             row["loss/total"] = sum(v for k, v in row.items() if k.startswith("loss/"))
             row.update(epoch_eval(models, data, cfg, epoch))
+            row.update(val_eval(models, data, cfg, epoch))
             row["seconds"] = time.time() - t0
-            metric = row[f"pgd{cfg.eval_steps}_acc"]
+            metric = row[selection_metric(cfg)]
             is_best = metric > progress["best"]
             progress = {"epoch": epoch, "step": 0, "sums": {}, "best": max(metric, progress["best"])}
             with open(os.path.join(run_dir, "metrics.jsonl"), "a") as fh:
                 fh.write(json.dumps(row) + "\n")
             save_checkpoint(last, models, opts, progress, cfg)
-            if is_best:
-                save_checkpoint(best, models, opts, progress, cfg)
+            if is_best:  # says what it was picked on (eval.json and --table report it)
+                save_checkpoint(best, models, opts, {**progress, "selected_on": "val" if cfg.val_n else "test"}, cfg)
             log(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
             if StopFlag.requested and epoch < cfg.epochs:
                 raise Interrupted(f"interrupted after epoch {epoch}: {last} saved; continue with --resume",
@@ -1531,11 +1574,14 @@ def eval_models(ck, run_cfg, ecfg, num_classes, device, path):
 
 
 def checkpoint_facts(ck, path):
-    """eval.json's run and epoch of a checkpoint (a bare state_dict: its file name, no epoch)."""
+    """eval.json's run, epoch and selection: 'best-by-val' / 'best-by-test' (a best.pt picked on the validation split /
+    on monitored test images, as every best.pt before validation splits existed), 'last', or 'state_dict'."""
     path = os.path.abspath(path)
     if checkpoint_kind(ck) == "state_dict":
-        return {"run": os.path.basename(path), "epoch": None}
-    return {"run": os.path.basename(os.path.dirname(path)), "epoch": ck["progress"]["epoch"]}
+        return {"run": os.path.basename(path), "epoch": None, "selection": "state_dict"}
+    on = ck["progress"].get("selected_on") or ("test" if os.path.basename(path) == "best.pt" else None)
+    return {"run": os.path.basename(os.path.dirname(path)), "epoch": ck["progress"]["epoch"],
+            "selection": f"best-by-{on}" if on else "last"}
 
 
 def export_state_dict(ckpt_path, out_path):
@@ -1658,12 +1704,13 @@ def sanity_checks(model, x, y, ecfg, res, warn, n=500):
         warn(f"PGD at eps 0.5 still leaves {acc:.1%} accuracy (expected near 0): possible gradient masking")
 
 
-TABLE_HEADER = ("| run | eps | Natural | PGD-20 | CW-20 | AA | kNN natural | kNN robust |\n"
-                "| --- | --- | --- | --- | --- | --- | --- | --- |")
+TABLE_HEADER = ("| run | eps | Natural | PGD-20 | CW-20 | AA | kNN natural | kNN robust | checkpoint |\n"
+                "| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
 
 
 def results_row(res, k="30"):
-    """One markdown row in the paper's column order; kNN at k=30 (or the first k evaluated)."""
+    """One markdown row in the paper's column order; kNN at k=30 (or the first k evaluated); then which checkpoint
+    (checkpoint_facts' selection; '-' in eval.json files written before it existed)."""
     def pct(v):
         return "-" if v is None else f"{100 * v:.2f}"
     knn = res.get("knn") or {}
@@ -1672,7 +1719,7 @@ def results_row(res, k="30"):
     aa = pct(res.get("aa")) + (f" (n={res['aa_n']})" if res.get("aa") is not None and res["aa_n"] != res["n_test"] else "")
     cells = [res["run"] + ("" if res.get("model", "adv") == "adv" else " (M)"), f"{res['eps'] * 255:.2f}/255",
              pct(res.get("natural")), pct(res.get("pgd")) + steps_note, pct(res.get("cw")) + steps_note, aa,
-             pct(knn["natural"][kk]) if kk else "-", pct(knn["robust"][kk]) if kk else "-"]
+             pct(knn["natural"][kk]) if kk else "-", pct(knn["robust"][kk]) if kk else "-", res.get("selection", "-")]
     return "| " + " | ".join(cells) + " |"
 
 
@@ -1763,6 +1810,9 @@ class Config:
     data_dir: str = setting("./data", "where torchvision data sets / tiny-imagenet-200 live", PLACE)
     data_file: str = setting("", "an .npz with x_train, y_train, x_test, y_test (uint8 NHWC) instead of torchvision", PLACE)
     train_n: int = setting(0, "use the first N training images (0 = all)", type=int)
+    val_n: int = setting(1000, "hold the last N training images (after --train-n) out as the validation split that "
+                         "picks best.pt (0 = none: best.pt is then picked on monitored test images; evaluate last.pt)",
+                         type=int)
     test_n: int = setting(0, "use the first N test images (0 = all)", type=int)
     method: str = setting("trades", "base method (standard = natural training)", in_name=False, choices=sorted(BASE_METHODS))
     baselines: str = setting("official", "training attack starts and TRADES + LBGAT's loss: official (as the authors' "
@@ -1882,14 +1932,14 @@ class Parser(argparse.ArgumentParser):
 
 
 # Settings --quick changes: a minutes-long CPU run that exercises the whole pipeline.
-QUICK = {"arch": "cnn_small", "std_arch": "cnn_small", "epochs": 5, "milestones": [4], "train_n": 3072,
+QUICK = {"arch": "cnn_small", "std_arch": "cnn_small", "epochs": 5, "milestones": [4], "train_n": 3072, "val_n": 500,
          "test_n": 1000, "eval_n": 1000, "steps": 3, "eval_steps": 5, "batch_size": 128}
 # --schedule fills these where unset; LAS-AT (Tables III/IV) trains and evaluates at eps 8/255
 SCHEDULES = {"paper": {"epochs": 100, "milestones": [75, 90], "wd": 2e-4, "eps": 0.031},
              "las": {"epochs": 110, "milestones": [100, 105], "wd": 5e-4, "eps": 8 / 255}}
 # Settings added after the first release, with the value that reproduces a run saved before them (its config.json
 # lacks the key), so that such a run resumes exactly as it was trained; new runs get the field's default.
-FIRST_RELEASE = {"baselines": "release1"}
+FIRST_RELEASE = {"val_n": 0, "baselines": "release1"}
 GROUPS = ((Config, "run settings"), (EvalConfig, "evaluation (--eval CKPT; unset: the run's own eps and data)"),
           (Actions, "run folder, tables"))
 
@@ -1962,6 +2012,8 @@ def validate(cfg):
 
 def validate_fidelity(cfg):
     """The settings of issue 11 that parse but cannot run."""
+    if cfg.val_n < 0:
+        raise UserError("--val-n must be >= 0")
     if cfg.lbgat0 and not cfg.lbgat:
         raise UserError("--lbgat0 needs --lbgat (it is a variant of LBGAT)")
     if cfg.lbgat0 and cfg.method != "at":
@@ -2095,6 +2147,7 @@ def run(cfg, run_dir, resume=False, overwrite=False, command=""):
     validate(cfg)
     check_run_dir(run_dir, resume, overwrite)
     data = load_data(cfg, torch.device(cfg.device))  # bad data -> error before anything is written
+    data = hold_out_validation(data, cfg.val_n)
     if not resume:
         init_run_dir(run_dir)
         with open(os.path.join(run_dir, "config.json"), "w") as fh:
@@ -2145,7 +2198,8 @@ def main(defaults, argv=None, prefix=None):
             cfg = resume_config(run_dir, given)
         run(cfg, run_dir, resume=given.get("resume", False), overwrite=given.get("overwrite", False),
             command=" ".join([script] + argv))
-        print(f"done: results in {run_dir}; evaluate with: python {script} --eval {os.path.join(run_dir, 'best.pt')}")
+        print(f"done: results in {run_dir}; evaluate with: python {script} --eval "
+              f"{os.path.join(run_dir, checkpoint_to_evaluate(cfg))}")
         return run_dir
     except UserError as e:
         sys.stderr.write(f"error: {e}\n")

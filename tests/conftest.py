@@ -27,8 +27,9 @@ def tiny_npz(tmp_path):
     return str(path)
 
 
-# A test experiment script's defaults, and the flags of a seconds-long run on the tiny_npz data.
-DEFAULTS = dict(dataset="cifar10", method="trades", lam="5", arch="wrn34_10")
+# A test experiment script's defaults, and the flags of a seconds-long run on the tiny_npz data (64 training
+# images: no validation split unless a test asks for one).
+DEFAULTS = dict(dataset="cifar10", method="trades", lam="5", arch="wrn34_10", val_n=0)
 
 
 def tiny_args(npz, out, *extra):
