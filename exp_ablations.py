@@ -455,8 +455,11 @@ def time_study(quick, passthrough, steps, warmup, log):
     runs = {}  # label -> (config, models, optimizers); all built first so steps can be interleaved
     for label, method, plugins in TIME_CONFIGS:
         c = dataclasses.replace(cfg, method=method, train="train" in plugins, lbgat="lbgat" in plugins)
-        models = common.build_models(c, 100, device)
+        models = common.accelerate(common.build_models(c, 100, device), c)  # --fast / --amp / ... as in training
         runs[label] = (c, models, common.build_optimizers(models, c))
+    if cfg.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    scaler = torch.amp.GradScaler(device.type) if cfg.amp == "fp16" else None
     # Round-robin: one step of every configuration per round, so a slow spell of a shared machine
     # slows all configurations alike instead of biasing whichever one ran during it.
     times = {label: [] for label in runs}
@@ -465,7 +468,7 @@ def time_study(quick, passthrough, steps, warmup, log):
             if device.type == "cuda":
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
-            common.train_step(models, opts, x, y, c, epoch=1)
+            common.train_step(models, opts, x, y, c, epoch=1, scaler=scaler)
             if device.type == "cuda":
                 torch.cuda.synchronize()
             if i >= warmup:
@@ -474,13 +477,15 @@ def time_study(quick, passthrough, steps, warmup, log):
     for label, sec in results.items():
         log(f"{label}: {sec:.3f} s/step")
     lines = [f"Training time on {name}: M' = {cfg.arch}, M = {cfg.std_arch}, batch {cfg.batch_size}, "
-             f"PGD-{cfg.steps}; median of {steps} steps after {warmup} warm-up, configurations interleaved; "
-             f"epoch = {per_epoch} steps",
-             "", "| method | s / step | s / epoch (extrapolated) | overhead vs base |", "| --- | --- | --- | --- |"]
+             f"PGD-{cfg.steps}, amp {cfg.amp}, channels_last {cfg.channels_last}, compile {cfg.compile}; median of "
+             f"{steps} steps after {warmup} warm-up, configurations interleaved; epoch = {per_epoch} steps",
+             "", "| method | s / step | images / s | s / epoch (extrapolated) | overhead vs base |",
+             "| --- | --- | --- | --- | --- |"]
     for label, method, plugins in TIME_CONFIGS:
         base = results["AT" if method == "at" else "TRADES"]
         over = "" if not plugins else f"{100 * (results[label] / base - 1):+.1f}%"
-        lines.append(f"| {label} | {results[label]:.3f} | {results[label] * per_epoch:.0f} | {over} |")
+        lines.append(f"| {label} | {results[label]:.3f} | {cfg.batch_size / results[label]:.0f} | "
+                     f"{results[label] * per_epoch:.0f} | {over} |")
     return "\n".join(lines)
 
 

@@ -195,3 +195,35 @@ def test_awp_step_equals_step_at_perturbed_weights_then_restored(monkeypatch):
     common.add_into_weights(ref, captured["diff"], -0.01)
     for n, p in models.adv.named_parameters():
         assert torch.allclose(p, dict(ref.named_parameters())[n], atol=1e-6), n
+
+
+@pytest.mark.parametrize("amp", ["bf16", "fp16"])
+def test_amp_step_keeps_losses_in_fp32(amp, monkeypatch):
+    """--amp: forwards under autocast, but every loss term (L_TP included) sees fp32 features."""
+    torch.manual_seed(0)
+    cfg = cfg_for("trades", train=True, amp=amp, lr=0.05)
+    cfg.std_arch = cfg.arch = "cnn_small"
+    models = common.build_models(cfg, 4, torch.device("cpu"))
+    seen = []
+    real = common.topology_loss
+    monkeypatch.setattr(common, "topology_loss", lambda f, g, **kw: seen.append((f.dtype, g.dtype)) or real(f, g, **kw))
+    scaler = torch.amp.GradScaler("cpu") if amp == "fp16" else None
+    terms = common.train_step(models, common.build_optimizers(models, cfg), torch.rand(8, 3, 16, 16),
+                              torch.randint(0, 4, (8,)), cfg, epoch=1, scaler=scaler)
+    assert seen == [(torch.float32, torch.float32)]
+    assert all(v.dtype == torch.float32 and torch.isfinite(v) for v in terms.values())
+
+
+def test_fast_preset_and_explicit_flags_win():
+    cfg = common.make_config(dict(dataset="cifar10"), {"fast": True, "compile": False})
+    assert (cfg.amp, cfg.channels_last, cfg.cudnn_benchmark, cfg.compile) == ("bf16", True, True, False)
+    assert common.make_config(dict(dataset="cifar10"), {}).amp == "off"
+
+
+def test_attacks_freeze_weights_and_restore_them():
+    model = common.CNNSmall(4, width=8)
+    frozen_inside = []
+    with common.eval_mode(model):
+        frozen_inside = [p.requires_grad for p in model.parameters()]
+        assert not model.training
+    assert not any(frozen_inside) and all(p.requires_grad for p in model.parameters()) and model.training
