@@ -152,12 +152,12 @@ def test_resume_after_a_kill_between_metrics_row_and_checkpoint(finished, tmp_pa
     out = tmp_path / "r"
     real = common.save_checkpoint
 
-    def dying(path, models, opts, progress, cfg):  # epoch 2's row is in metrics.jsonl, last.pt half-written
+    def dying(path, models, opts, progress, cfg, scaler=None):  # epoch 2's row is in metrics.jsonl, last.pt half-written
         if progress["epoch"] == 2 and path.endswith("last.pt"):
             with open(f"{path}.tmp{os.getpid()}", "wb") as fh:
                 fh.write(b"half a checkpoint")
             raise Killed
-        return real(path, models, opts, progress, cfg)
+        return real(path, models, opts, progress, cfg, scaler)
     monkeypatch.setattr(common, "save_checkpoint", dying)
     with pytest.raises(Killed):
         main(tiny_args(npz, out, "--method", "at"))
