@@ -617,37 +617,58 @@ class eval_mode:
 def pgd(model, x, loss_fn, eps, step_size, steps, start="uniform"):
     """L-inf PGD maximising loss_fn(model(x')) over the eps-ball around x intersected with [0,1].
 
-    start: "uniform" (random in the eps-ball, Madry), "normal" (x + 0.001 N(0,1), TRADES) or "none".
+    start: "uniform" (random in the eps-ball, clamped to [0,1]: Madry), "normal-raw" (x + 0.001 N(0,1), not
+    clamped before the first step: TRADES' trades.py, MART's mart.py), "normal" (the same start clamped: this
+    project's first release) or "none".
     """
     x = x.detach()
     if start == "uniform":
         x_adv = x + torch.empty_like(x).uniform_(-eps, eps)
-    elif start == "normal":
+    elif start in ("normal", "normal-raw"):
         x_adv = x + 0.001 * torch.randn_like(x)
     else:
         x_adv = x.clone()
-    x_adv = x_adv.clamp(0, 1)
+    if start != "normal-raw":
+        x_adv = x_adv.clamp(0, 1)
     with torch.enable_grad():
         for _ in range(steps):
             x_adv.requires_grad_(True)
             grad, = torch.autograd.grad(loss_fn(model(x_adv)), x_adv)
             x_adv = x_adv.detach() + step_size * grad.sign()
             x_adv = torch.min(torch.max(x_adv, x - eps), x + eps).clamp(0, 1)
-    return x_adv.detach()
+    return x_adv.clamp(0, 1).detach()  # as the official code: x' in [0,1] even after 0 steps (else a no-op)
+
+
+def official(cfg):
+    """False for runs of the first release (--baselines release1), whose attack starts differed from the official
+    code. getattr: the attacks are also called with bare (eps, step_size, steps)."""
+    return getattr(cfg, "baselines", "official") == "official"
 
 
 def attack_ce(model, x, y, cfg):
-    """The CE-PGD training attack of at / alp / mart."""
+    """The training attack of at / alp: Madry et al.'s PGD (MadryLab/cifar10_challenge, pgd_attack.py): summed CE,
+    start x + U(-eps, eps) clipped to [0,1]. (ALP's own code is not public in PyTorch; Kannan et al. use Madry's.)"""
     with eval_mode(model):
         return pgd(model, x, ce_sum(y), cfg.eps, cfg.step_size, cfg.steps, "uniform")
 
 
+def attack_mart(model, x, y, cfg):
+    """MART's training attack (YisenWang/MART, mart.py): batch-mean CE from x + 0.001 N(0,1), not clamped before
+    the first step. The first release used attack_ce's uniform start."""
+    if not official(cfg):
+        return attack_ce(model, x, y, cfg)
+    with eval_mode(model):
+        return pgd(model, x, lambda z: F.cross_entropy(z, y), cfg.eps, cfg.step_size, cfg.steps, "normal-raw")
+
+
 def attack_kl(model, x, y, cfg):
-    """TRADES' training attack: maximise KL(M'(x) || M'(x')) from x + 0.001 N(0,1)."""
+    """TRADES' training attack (yaodongyu/TRADES, trades.py; also LBGAT's lbgat.py): maximise the summed
+    KL(M'(x) || M'(x')) from x + 0.001 N(0,1), not clamped before the first step (the first release clamped it)."""
     with eval_mode(model):
         with torch.no_grad():
             p_clean = F.softmax(model(x), dim=1)
-        return pgd(model, x, kl_to_clean(p_clean), cfg.eps, cfg.step_size, cfg.steps, "normal")
+        return pgd(model, x, kl_to_clean(p_clean), cfg.eps, cfg.step_size, cfg.steps,
+                   "normal-raw" if official(cfg) else "normal")
 
 
 # =====================================================================================
@@ -700,7 +721,7 @@ def trades_kl(z_adv, z_nat):
 
 
 def loss_trades(s, cfg):
-    """TRADES (Zhang et al.): CE(M'(x), y) + beta KL(M'(x) || M'(x'))."""
+    """TRADES (Zhang et al.; yaodongyu/TRADES, trades.py): CE(M'(x), y) + beta KL(M'(x) || M'(x'))."""
     z_nat, z_adv = s.nat_out()[1], s.adv_out()[1]
     return {"ce_nat": F.cross_entropy(z_nat, s.y), "trades_kl": cfg.beta * trades_kl(z_adv, z_nat)}
 
@@ -714,7 +735,7 @@ def loss_alp(s, cfg):
 
 
 def mart_terms(z_adv, z_nat, y, beta):
-    """MART (Wang et al. 2020), as in its official code (same small constants)."""
+    """MART (Wang et al. 2020), as in its official code (YisenWang/MART, mart.py; same small constants)."""
     p_adv = F.softmax(z_adv, dim=1)
     top2 = torch.argsort(p_adv, dim=1)[:, -2:]
     y_wrong = torch.where(top2[:, -1] == y, top2[:, -2], top2[:, -1])  # most likely wrong class
@@ -750,7 +771,7 @@ BASE_METHODS = {
     "at": Method(attack_ce, loss_at),
     "trades": Method(attack_kl, loss_trades),
     "alp": Method(attack_ce, loss_alp),
-    "mart": Method(attack_ce, loss_mart),
+    "mart": Method(attack_mart, loss_mart),
     "standard": Method(attack_none, loss_standard),
 }
 
@@ -1874,6 +1895,9 @@ class Config:
     train_n: int = setting(0, "use the first N >= 1 training images (not given: all)", type=count_arg)
     test_n: int = setting(0, "use the first N >= 1 test images (not given: all)", type=count_arg)
     method: str = setting("trades", "base method (standard = natural training)", in_name=False, choices=sorted(BASE_METHODS))
+    baselines: str = setting("official", "training attack starts: official (as the authors' code, README) "
+                             "or release1 (this project's first release; runs saved before this setting "
+                             "existed load as release1)", choices=["official", "release1"])
     train: bool = setting(False, "add TRAIN's topology-preserving loss lambda * L_TP")
     lbgat: bool = setting(False, "add LBGAT's logit guidance gamma * MSE(M'(x'), M(x))")
     lam: Lambda = setting(Lambda.parse("5"), "lambda: a number (5) or <c>a (20a) = c * a(t), a(t) = 2/(1+exp(-10t/T)) - 1",
@@ -1927,10 +1951,11 @@ class Config:
 
     @classmethod
     def from_saved(cls, saved):
-        """A run's saved settings over today's defaults: settings added since then take their default,
-        keys that are no settings any more (old runs saved CLI actions too) are ignored."""
+        """A run's saved settings over today's defaults: settings added since then take their default, or the
+        value that reproduces how the run was trained (FIRST_RELEASE); keys that are no settings any more (old
+        runs saved CLI actions too) are ignored."""
         known = {f.name for f in fields(cls)}
-        cfg = cls(**{k: v for k, v in saved.items() if k in known})
+        cfg = cls(**{**FIRST_RELEASE, **{k: v for k, v in saved.items() if k in known}})
         cfg.lam = Lambda.parse(cfg.lam)
         return cfg
 
@@ -1985,6 +2010,9 @@ QUICK = {"arch": "cnn_small", "std_arch": "cnn_small", "epochs": 5, "milestones"
 FAST = {"amp": "bf16", "channels_last": True, "compile": True, "cudnn_benchmark": True}
 SCHEDULES = {"paper": {"epochs": 100, "milestones": [75, 90], "wd": 2e-4},
              "las": {"epochs": 110, "milestones": [100, 105], "wd": 5e-4}}
+# Settings added after the first release, with the value that reproduces a run saved before them (its config.json
+# lacks the key), so that such a run resumes exactly as it was trained; new runs get the field's default.
+FIRST_RELEASE = {"baselines": "release1"}
 GROUPS = ((Config, "run settings"), (EvalConfig, "evaluation (--eval CKPT; unset: the run's own eps and data)"),
           (Actions, "run folder, tables"))
 

@@ -282,6 +282,8 @@ Scale "cpu" (chosen by measuring, 2026-12-01, AMD EPYC, one thread per run, batc
   --configs (README).
 Scale "gpu": PreAct-ResNet-18 M' / ResNet-18 M on full CIFAR-10, PGD-10, 30 epochs (lr x0.1 at 23, 27),
   standard AutoAttack on 1,000 images; every run resumes, so --max-minutes splits it into GPU jobs.
+The cpu scale keeps the first release's training-attack start (baselines="release1": TRADES' start clamped to
+  [0,1]), with which its runs were started, so that finished and unfinished runs stay one study.
 """
 EVIDENCE_CONFIGS = [("standard", "Standard", {"method": "standard"}),
                     ("at", "AT", {"method": "at"}),
@@ -294,7 +296,7 @@ SHARED_CIFAR10 = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", 
 EVIDENCE_SCALES = {
     "cpu": {"train": dict(dataset="cifar10", data_file=SHARED_CIFAR10, arch="cnn6", std_arch="cnn6", train_n=8000,
                           test_n=1000, epochs=8, milestones=[6, 7], steps=3, step_size=0.01, eval_steps=10, eval_n=500,
-                          lam="5", beta=6.0, device="cpu"),
+                          lam="5", beta=6.0, device="cpu", baselines="release1"),
             "eval": dict(aa_n=1000, aa_attacks=["apgd-ce", "apgd-dlr"], knn_k=[30], knn_train_n=1000)},
     "gpu": {"train": dict(dataset="cifar10", data_file=SHARED_CIFAR10, arch="preact_resnet18", std_arch="resnet18",
                           epochs=30, milestones=[23, 27], steps=10, step_size=0.007, eval_steps=20, eval_n=1000, lam="5",

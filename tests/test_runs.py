@@ -157,7 +157,8 @@ def test_npz_schema_errors(tmp_path):
 
 LEGACY = os.path.join(ROOT, "tests", "fixtures", "legacy_run")  # made by the code of 2026-11-30 (before Config)
 LEGACY_ARGS = ("--arch", "cnn_small", "--std-arch", "cnn_small", "--epochs", "2", "--batch-size", "16", "--steps", "1",
-               "--eval-steps", "1", "--eval-n", "16", "--method", "trades", "--train", "--lam", "20a")
+               "--eval-steps", "1", "--eval-n", "16", "--method", "trades", "--train", "--lam", "20a",
+               "--baselines", "release1")  # the first release's TRADES attack start (Config.from_saved fills it in)
 
 
 def test_a_run_folder_of_the_first_release_resumes_exactly_and_evaluates(tiny_npz, tmp_path):
