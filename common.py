@@ -640,8 +640,8 @@ def pgd(model, x, loss_fn, eps, step_size, steps, start="uniform"):
 
 
 def official(cfg):
-    """False for runs of the first release (--baselines release1), whose attack starts differed from the official
-    code. getattr: the attacks are also called with bare (eps, step_size, steps)."""
+    """False for runs of the first release (--baselines release1), whose attack starts and TRADES + LBGAT loss
+    differed from the official code. getattr: the attacks are also called with bare (eps, step_size, steps)."""
     return getattr(cfg, "baselines", "official") == "official"
 
 
@@ -676,6 +676,9 @@ def attack_kl(model, x, y, cfg):
 #    A base method = its own training attack + named loss terms of M'.
 #    Plug-ins (train, lbgat) add terms on top of any base method. The step sums all terms.
 # =====================================================================================
+LOW_PRECISION = (torch.float16, torch.bfloat16)  # autocast outputs; losses see them in fp32
+
+
 class StepState:
     """What one training step knows; forward passes are computed once and shared by all terms.
     M (model_std) runs without gradients when it is not trained (a frozen pre-trained M)."""
@@ -691,7 +694,7 @@ class StepState:
         if key not in self._cache:
             with self.amp():
                 out = fn()
-            self._cache[key] = tuple(t.float() for t in out)
+            self._cache[key] = tuple(t.float() if t.dtype in LOW_PRECISION else t for t in out)
         return self._cache[key]
 
     def adv_out(self):
@@ -996,8 +999,40 @@ class AWP:
 
 
 def plugin_lbgat(s, cfg, epoch):
-    """LBGAT guidance gamma * MSE(M'(x') logits, M(x) logits); updates both models, as in LBGAT."""
+    """LBGAT guidance gamma * MSE(M'(x') logits, M(x) logits); updates both models, as in LBGAT (lbgat.py)."""
     return {"lbgat_mse": cfg.gamma * F.mse_loss(s.adv_out()[1], s.std_out()[1])}
+
+
+def loss_lbgat_trades(s, cfg):
+    """TRADES + LBGAT as LBGAT released it (dvlab-research/LBGAT, lbgat.py): M''s own term is beta KL(M'(x) || M'(x'))
+    only, with no CE(M'(x), y); the CE is on M (train_step's ce_std) and plugin_lbgat adds gamma MSE(M'(x'), M(x)).
+    Total: CE(M(x), y) + gamma MSE + beta KL (lbgat.py has gamma = 1)."""
+    return {"trades_kl": cfg.beta * trades_kl(s.adv_out()[1], s.nat_out()[1])}
+
+
+def loss_lbgat0(s, cfg):
+    """LBGAT0 as released (lbgat.py with beta 0, LBGAT's sh/train_lbgat0_cifar100.sh): no term of M' besides the guidance."""
+    return {}
+
+
+# --lbgat replaces the loss of M' where LBGAT's code does: TRADES -> lbgat.py's loss, AT with --lbgat0 -> LBGAT0
+# (lbgat.py with beta 0, so with its KL attack). AT + LBGAT otherwise keeps the paper's Eq. 15 (CE on M'(x')).
+LBGAT_METHODS = {"trades": Method(attack_kl, loss_lbgat_trades), "lbgat0": Method(attack_kl, loss_lbgat0)}
+
+
+def method_of(cfg):
+    """The Method M' trains with: its base method, or LBGAT's replacement of it (LBGAT_METHODS)."""
+    if cfg.lbgat and cfg.lbgat0:
+        return LBGAT_METHODS["lbgat0"]
+    if cfg.lbgat and cfg.method == "trades" and official(cfg):
+        return LBGAT_METHODS["trades"]
+    return BASE_METHODS[cfg.method]
+
+
+def std_arch_of(cfg):
+    """M's architecture: --std-arch, else LBGAT's teacher for --lbgat runs (ResNet-18 with stage strides 1,1,2,2,
+    LBGAT's models/resnetcifar.py ResNet18_cifar: resnet18_lbgat) and ResNet-18 otherwise."""
+    return cfg.std_arch or ("resnet18_lbgat" if cfg.lbgat else "resnet18")
 
 
 PLUGINS = {"train": plugin_train, "lbgat": plugin_lbgat}
@@ -1041,7 +1076,7 @@ class Models:
 
 def build_models(cfg, num_classes, device):
     adv = build_model(cfg.arch, num_classes).to(device)
-    std = build_model(cfg.std_arch, num_classes).to(device) if needs_std_model(cfg) else None
+    std = build_model(std_arch_of(cfg), num_classes).to(device) if needs_std_model(cfg) else None
     heads = None
     relation = RELATION_LOSSES[cfg.relation]
     if cfg.train and relation.heads is not None:
@@ -1080,7 +1115,7 @@ def train_step(models, opts, x, y, cfg, epoch, scaler=None):
     """One step of Algorithm 1: attack, forward, all loss terms, one backward, every optimiser.
     Returns the detached terms; a non-finite one is the caller's to notice (check_finite), so the
     step never waits for the device. scaler: fp16's GradScaler, else None."""
-    method = BASE_METHODS[cfg.method]
+    method = method_of(cfg)
     amp = amp_context(cfg, x.device.type)
     with amp():
         x_adv = method.attack(models.adv, x, y, cfg)
@@ -1226,7 +1261,7 @@ def load_std_checkpoint(models, cfg, device):
     try:
         load_model_state(models.std, ck["models"][key])
     except RuntimeError as e:
-        raise UserError(f"--std-ckpt {cfg.std_ckpt} does not fit --std-arch {cfg.std_arch}: {str(e).splitlines()[0]}")
+        raise UserError(f"--std-ckpt {cfg.std_ckpt} does not fit --std-arch {std_arch_of(cfg)}: {str(e).splitlines()[0]}")
 
 
 @contextlib.contextmanager
@@ -1314,7 +1349,7 @@ def train(cfg, run_dir, data, resume=False, log=print, on_start=None):
     accelerate(models, cfg)
     save = lambda path, progress: save_checkpoint(path, models, opts, progress, cfg, scaler)
     log(f"{cfg.method}{''.join(' +' + p for p in active_plugins(cfg))}: M'={cfg.arch}"
-        + (f", M={cfg.std_arch}" if models.std is not None else "") + f", {len(data.x_train)} train / "
+        + (f", M={std_arch_of(cfg)}" if models.std is not None else "") + f", {len(data.x_train)} train / "
         f"{len(data.x_test)} test images, {data.num_classes} classes, eps {cfg.eps:.4f}, device {device}")
     with StopFlag():
         for epoch in tqdm(range(progress["epoch"] + 1, cfg.epochs + 1), desc="epochs", initial=progress["epoch"],
@@ -1596,7 +1631,7 @@ def evaluate(ckpt_path, ecfg, out_dir=None, log=print):
     models = build_models(run_cfg, data.num_classes, device)
     for k, m in models.saved().items():
         fit_weights(m, ck["models"].get(k), f"checkpoint {ckpt_path} ({k})",
-                    {"adv": run_cfg.arch, "std": run_cfg.std_arch}.get(k, "relation heads"), data.num_classes)
+                    {"adv": run_cfg.arch, "std": std_arch_of(run_cfg)}.get(k, "relation heads"), data.num_classes)
         m.eval()
     if ecfg.eval_model == "std" and models.std is None:
         raise UserError(f"--eval-model std: this checkpoint holds no standard model ({', '.join(models.saved())})")
@@ -1607,7 +1642,7 @@ def evaluate(ckpt_path, ecfg, out_dir=None, log=print):
     x, y = to_float(data.x_test), data.y_test
     bs = ecfg.eval_batch_size
     res = {"checkpoint": os.path.abspath(ckpt_path), "run": os.path.basename(os.path.dirname(os.path.abspath(ckpt_path))),
-           "model": ecfg.eval_model, "arch": run_cfg.arch if ecfg.eval_model == "adv" else run_cfg.std_arch,
+           "model": ecfg.eval_model, "arch": run_cfg.arch if ecfg.eval_model == "adv" else std_arch_of(run_cfg),
            "epoch": ck["progress"]["epoch"], "eps": eps, "eps_255": eps * 255, "n_test": len(x),
            "pgd_steps": ecfg.eval_steps, "pgd_step_size": ecfg.eval_step_size, "cw_kappa": ecfg.cw_kappa,
            "warnings": [], "sanity": {}}
@@ -1895,11 +1930,14 @@ class Config:
     train_n: int = setting(0, "use the first N >= 1 training images (not given: all)", type=count_arg)
     test_n: int = setting(0, "use the first N >= 1 test images (not given: all)", type=count_arg)
     method: str = setting("trades", "base method (standard = natural training)", in_name=False, choices=sorted(BASE_METHODS))
-    baselines: str = setting("official", "training attack starts: official (as the authors' code, README) "
-                             "or release1 (this project's first release; runs saved before this setting "
+    baselines: str = setting("official", "training attack starts and TRADES + LBGAT's loss: official (as the authors' "
+                             "code, README) or release1 (this project's first release; runs saved before this setting "
                              "existed load as release1)", choices=["official", "release1"])
     train: bool = setting(False, "add TRAIN's topology-preserving loss lambda * L_TP")
-    lbgat: bool = setting(False, "add LBGAT's logit guidance gamma * MSE(M'(x'), M(x))")
+    lbgat: bool = setting(False, "add LBGAT's logit guidance gamma * MSE(M'(x'), M(x)); with --method trades: "
+                          "LBGAT's loss (no CE on M'), see README")
+    lbgat0: bool = setting(False, "with --method at --lbgat: LBGAT's released LBGAT0 (lbgat.py with beta 0: TRADES' KL "
+                           "attack, no CE on M') instead of the paper's Eq. 15")
     lam: Lambda = setting(Lambda.parse("5"), "lambda: a number (5) or <c>a (20a) = c * a(t), a(t) = 2/(1+exp(-10t/T)) - 1",
                           type=lam_arg)
     relation: str = setting("tp", "relation loss used by --train (tp = L_TP)", choices=sorted(RELATION_LOSSES))
@@ -1919,7 +1957,8 @@ class Config:
     gamma: float = setting(1.0, "LBGAT guidance weight", type=float)
     alp_weight: float = setting(0.5, "ALP logit-pairing weight", type=float)
     arch: str = setting("wrn34_10", "adversarial model M'", choices=sorted(MODELS))
-    std_arch: str = setting("resnet18", "standard model M", choices=sorted(MODELS))
+    std_arch: str = setting(None, "standard model M (unset: resnet18; with --lbgat LBGAT's teacher resnet18_lbgat)",
+                            choices=sorted(MODELS))
     eps: float = setting(0.031, "L-inf radius (0.031 or 8/255); with --eval: unset = the run's own", type=parse_number)
     step_size: float = setting(0.007, "training attack step", type=parse_number)
     steps: int = setting(10, "training attack steps", type=int)
@@ -2073,6 +2112,7 @@ def validate(cfg):
     for k in ("epochs", "batch_size", "eval_n"):
         if getattr(cfg, k) < 1:
             raise UserError(f"--{k.replace('_', '-')} must be >= 1")
+    validate_fidelity(cfg)
     if cfg.batch_size < 2 and cfg.train:
         raise UserError("--batch-size must be >= 2 with --train (L_TP compares samples)")
     for k in ("eps", "step_size", "eval_step_size"):
@@ -2110,6 +2150,16 @@ def validate_eval(ecfg):
             raise UserError(f"--{k.replace('_', '-')} must lie in [0, 1] (inputs are in [0, 1])")
     if ecfg.device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"--device {ecfg.device} but CUDA is not available; use --device cpu")
+
+
+def validate_fidelity(cfg):
+    """The settings of issue 11 that parse but cannot run."""
+    if cfg.lbgat0 and not cfg.lbgat:
+        raise UserError("--lbgat0 needs --lbgat (it is a variant of LBGAT)")
+    if cfg.lbgat0 and cfg.method != "at":
+        raise UserError("--lbgat0 replaces the loss of --method at (with --method trades it is --beta 0)")
+    if cfg.lbgat0 and cfg.awp:
+        raise UserError("--awp needs a loss of M' to ascend; --lbgat0 has none besides LBGAT's guidance")
 
 
 def name_part(name, v):

@@ -19,7 +19,7 @@ import torch
 
 import common
 
-DEFAULTS = dict(dataset="cifar100", method="trades", lam="20a", arch="wrn34_10", std_arch="resnet18")
+DEFAULTS = dict(dataset="cifar100", method="trades", lam="20a", arch="wrn34_10")  # M: resnet18 (LBGAT: resnet18_lbgat)
 # --quick: smoke scale, minutes on a CPU (common's --quick preset, then these)
 STUDY_QUICK = {"quick": True, "epochs": 2, "milestones": [2], "train_n": 1024, "test_n": 500, "eval_n": 500}
 QUICK_EVAL = {"knn_train_n": 1024, "aa_n": 100}  # smoke scale: AutoAttack on 100 images, kNN support 1,024
@@ -420,7 +420,7 @@ def evidence_study(scale, configs, seeds, passthrough, dry_run, log):
             for key, label, seed, settings, _ in evidence_runs(configs, seeds):
                 cfg = study.config(settings)
                 log(f"[{sc}] [{common.run_status(study.dir_of(settings))}] {label}, seed {seed}: M'={cfg.arch} "
-                    f"M={cfg.std_arch} {cfg.train_n or 'all'} train images, {cfg.epochs} epochs, PGD-{cfg.steps} "
+                    f"M={common.std_arch_of(cfg)} {cfg.train_n or 'all'} train images, {cfg.epochs} epochs, PGD-{cfg.steps} "
                     f"-> {study.dir_of(settings)}")
         return None
     study = Study(passthrough, defaults={**DEFAULTS, **EVIDENCE_SCALES[scale]["train"]}, root_name=f"evidence_{scale}")
@@ -478,9 +478,11 @@ def time_study(quick, passthrough, steps, warmup, log):
     results = {label: statistics.median(t) for label, t in times.items()}
     for label, sec in results.items():
         log(f"{label}: {sec:.3f} s/step")
-    lines = [f"Training time on {name}: M' = {cfg.arch}, M = {cfg.std_arch}, batch {cfg.batch_size}, "
-             f"PGD-{cfg.steps}, amp {cfg.amp}, channels_last {cfg.channels_last}, compile {cfg.compile}; median of "
-             f"{steps} steps after {warmup} warm-up, configurations interleaved; epoch = {per_epoch} steps",
+    std, std_lbgat = (common.std_arch_of(dataclasses.replace(cfg, lbgat=v)) for v in (False, True))
+    lines = [f"Training time on {name}: M' = {cfg.arch}, M = {std}" + (f" ({std_lbgat} with LBGAT)" if std_lbgat != std else "")
+             + f", batch {cfg.batch_size}, PGD-{cfg.steps}, amp {cfg.amp}, channels_last {cfg.channels_last}, "
+             f"compile {cfg.compile}; median of {steps} steps after {warmup} warm-up, configurations interleaved; "
+             f"epoch = {per_epoch} steps",
              "", "| method | s / step | images / s | s / epoch (extrapolated) | overhead vs base |",
              "| --- | --- | --- | --- | --- |"]
     for label, method, plugins in TIME_CONFIGS:

@@ -15,7 +15,6 @@ DEFAULTS = dict(
     method="trades",
     lam="5",
     arch="wrn34_10",
-    std_arch="resnet18",
 )
 
 if __name__ == "__main__":

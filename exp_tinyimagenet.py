@@ -18,7 +18,6 @@ DEFAULTS = dict(
     method="trades",
     lam="20a",
     arch="wrn34_10",
-    std_arch="resnet18",
 )
 
 if __name__ == "__main__":

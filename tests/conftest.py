@@ -28,7 +28,7 @@ def tiny_npz(tmp_path):
 
 
 # A test experiment script's defaults, and the flags of a seconds-long run on the tiny_npz data.
-DEFAULTS = dict(dataset="cifar10", method="trades", lam="5", arch="wrn34_10", std_arch="resnet18")
+DEFAULTS = dict(dataset="cifar10", method="trades", lam="5", arch="wrn34_10")
 
 
 def tiny_args(npz, out, *extra):

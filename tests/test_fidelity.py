@@ -94,7 +94,108 @@ def test_first_training_attack_step_is_the_official_one(method):
 def test_old_configs_load_with_the_first_release_baselines():
     with open(os.path.join(ROOT, "tests", "fixtures", "legacy_run", "config.json")) as fh:
         old = common.Config.from_saved(json.load(fh)["config"])
-    assert old.baselines == "release1"
+    assert old.baselines == "release1" and not old.lbgat0
     new = cfg_of()
     assert new.baselines == "official"
     assert common.Config.from_saved(new.to_dict()) == new  # today's runs load as saved
+
+
+
+# ------------------------------------------------------------------------------ 1. LBGAT
+def official_lbgat_loss(adv, std, x, x_adv, y, beta):
+    """lbgat.py: mse(out_adv, out) + ce(out, y) + beta * KLDivLoss(sum)(log_softmax(out_adv), softmax(out_natural)) / B,
+    with out = M(x) (M not detached: the guidance trains both models)."""
+    out_adv, out_natural, out = adv(x_adv), adv(x), std(x)
+    mse = ((out_adv - out) ** 2).mean()
+    ce = -log_softmax64(out).gather(1, y[:, None]).mean()
+    p = torch.exp(log_softmax64(out_natural))
+    kl = (p * (log_softmax64(out_natural) - log_softmax64(out_adv))).sum() / len(x)
+    return mse + ce + beta * kl
+
+
+def step_loss_and_grads(cfg, adv, std, x, y, seed):
+    """Our training step's total loss and gradients (no optimiser step) with a 0-step attack (x' = its start)."""
+    models = common.Models(adv, std)
+    torch.manual_seed(seed)
+    terms = common.train_step(models, {}, x, y, cfg, epoch=1)
+    grads = {k: [p.grad.clone() for p in m.parameters()] for k, m in (("adv", adv), ("std", std))}
+    return sum(terms.values()).item(), grads, terms
+
+
+def reference_grads(loss, adv, std):
+    return {k: torch.autograd.grad(loss, list(m.parameters()), retain_graph=True) for k, m in (("adv", adv), ("std", std))}
+
+
+def lbgat_case(seed, **flags):
+    cfg = cfg_of(lbgat=True, steps=0, **flags)
+    adv, std = small_model(seed).train(), small_model(seed + 1).train()
+    ref_adv, ref_std = copy.deepcopy(adv), copy.deepcopy(std)
+    x, y = images(seed + 2)
+    return cfg, adv, std, ref_adv, ref_std, x, y
+
+
+def test_trades_lbgat_is_lbgat_py():
+    """TRADES + LBGAT = LBGAT's released loss: no CE(M'(x), y); value and gradients of both models."""
+    seed = fresh_seed()
+    beta = float(np.random.default_rng(seed).uniform(1, 6))
+    cfg, adv, std, ref_adv, ref_std, x, y = lbgat_case(seed, method="trades", beta=beta)
+    total, grads, terms = step_loss_and_grads(cfg, adv, std, x, y, seed)
+    assert "ce_nat" not in terms
+    torch.manual_seed(seed)
+    x_adv = (x + 0.001 * torch.randn_like(x)).clamp(0, 1)  # lbgat.py clamps x' once more after the loop
+    ref = official_lbgat_loss(ref_adv, ref_std, x, x_adv, y, beta)
+    assert total == pytest.approx(ref.item(), rel=1e-12), f"seed {seed}"
+    for k, gs in reference_grads(ref, ref_adv, ref_std).items():
+        for g_ours, g_ref in zip(grads[k], gs):
+            assert torch.allclose(g_ours, g_ref, rtol=1e-9, atol=1e-12), f"{k}, seed {seed}"
+
+
+def test_at_lbgat_keeps_eq15_and_lbgat0_is_lbgat_py_with_beta_0():
+    seed = fresh_seed()
+    # the paper's Eq. 15 (default): CE(M'(x'), y) + gamma MSE(M'(x'), M(x)), and M's CE(M(x), y)
+    cfg, adv, std, ref_adv, ref_std, x, y = lbgat_case(seed, method="at")
+    total, _, terms = step_loss_and_grads(cfg, adv, std, x, y, seed)
+    torch.manual_seed(seed)
+    x_adv = (x + torch.empty_like(x).uniform_(-cfg.eps, cfg.eps)).clamp(0, 1)
+    z_adv, z_std = ref_adv(x_adv), ref_std(x)
+    eq15 = (-log_softmax64(z_adv).gather(1, y[:, None]).mean() + ((z_adv - z_std) ** 2).mean()
+            - log_softmax64(z_std).gather(1, y[:, None]).mean())
+    assert set(terms) == {"ce_adv", "lbgat_mse", "ce_std"} and total == pytest.approx(eq15.item(), rel=1e-12)
+    # --lbgat0: LBGAT's released LBGAT0 (lbgat.py with beta 0, its KL attack's start): no term on M' but the guidance
+    cfg, adv, std, ref_adv, ref_std, x, y = lbgat_case(seed, method="at", lbgat0=True)
+    total, grads, terms = step_loss_and_grads(cfg, adv, std, x, y, seed)
+    torch.manual_seed(seed)
+    ref = official_lbgat_loss(ref_adv, ref_std, x, (x + 0.001 * torch.randn_like(x)).clamp(0, 1), y, 0.0)
+    assert set(terms) == {"lbgat_mse", "ce_std"} and total == pytest.approx(ref.item(), rel=1e-12), f"seed {seed}"
+    for k, gs in reference_grads(ref, ref_adv, ref_std).items():
+        for g_ours, g_ref in zip(grads[k], gs):
+            assert torch.allclose(g_ours, g_ref, rtol=1e-9, atol=1e-12), f"{k}, seed {seed}"
+
+
+def test_first_release_lbgat_loss_kept_for_its_runs():
+    """A run saved before this change (baselines release1) keeps TRADES' CE(M'(x), y) next to LBGAT's terms."""
+    seed = fresh_seed()
+    cfg, adv, std, *_ = lbgat_case(seed, method="trades")
+    cfg.baselines = "release1"
+    _, _, terms = step_loss_and_grads(cfg, adv, std, *images(seed + 2), seed)
+    assert set(terms) == {"ce_nat", "trades_kl", "lbgat_mse", "ce_std"}
+
+
+def test_lbgat_teacher_is_resnet18_lbgat_unless_given():
+    cfg = cfg_of(lbgat=True, arch="cnn_small")
+    assert common.std_arch_of(cfg) == "resnet18_lbgat"
+    std = common.build_models(cfg, 10, torch.device("cpu")).std
+    assert [s[0].conv1.stride for s in (std.layer1, std.layer2, std.layer3, std.layer4)] == [(1, 1), (1, 1), (2, 2), (2, 2)]
+    assert common.std_arch_of(cfg_of(train=True)) == "resnet18"
+    assert common.std_arch_of(cfg_of(lbgat=True, std_arch="resnet18")) == "resnet18"
+
+
+@pytest.mark.parametrize("flags,needle", [(["--lbgat0"], "--lbgat0 needs --lbgat"),
+                                          (["--lbgat", "--lbgat0", "--method", "trades"], "--method at"),
+])
+def test_bad_combinations_exit_2_with_one_line(flags, needle, tiny_npz, tmp_path):
+    r = subprocess.run([sys.executable, "exp_cifar10.py", "--data-file", tiny_npz, "--out", str(tmp_path / "x"),
+                        "--device", "cpu", "--arch", "cnn_small", "--std-arch", "cnn_small", "--batch-size", "16", *flags],
+                       cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 2 and needle in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert not os.path.exists(tmp_path / "x")
