@@ -1959,13 +1959,15 @@ class Config:
     arch: str = setting("wrn34_10", "adversarial model M'", choices=sorted(MODELS))
     std_arch: str = setting(None, "standard model M (unset: resnet18; with --lbgat LBGAT's teacher resnet18_lbgat)",
                             choices=sorted(MODELS))
-    eps: float = setting(0.031, "L-inf radius (0.031 or 8/255); with --eval: unset = the run's own", type=parse_number)
+    eps: float = setting(None, "L-inf radius, 0.031 or 8/255 (unset: from --schedule: paper 0.031, las 8/255); "
+                         "with --eval: unset = the run's own", type=parse_number)
     step_size: float = setting(0.007, "training attack step", type=parse_number)
     steps: int = setting(10, "training attack steps", type=int)
     eval_steps: int = setting(20, "PGD steps of the per-epoch monitoring and of --eval", type=int)
     eval_step_size: float = setting(0.003, "PGD step of the monitoring and of --eval", type=parse_number)
     eval_n: int = setting(1000, "test images monitored each epoch", type=int)
-    schedule: str = setting("paper", "paper: 100 epochs, lr x0.1 at 75, 90, wd 2e-4; las: 110 epochs, 100, 105, wd 5e-4",
+    schedule: str = setting("paper", "paper: 100 epochs, lr x0.1 at 75, 90, wd 2e-4, eps 0.031; las (LAS-AT, Tables "
+                            "III/IV): 110 epochs, 100, 105, wd 5e-4, eps 8/255",
                             choices=sorted(["paper", "las"]))
     epochs: int = setting(None, "training epochs (unset: from --schedule)", type=int)
     milestones: list = setting(None, "epochs where lr x0.1, e.g. 75,90 (unset: from --schedule)", type=int_list)
@@ -2047,8 +2049,9 @@ QUICK = {"arch": "cnn_small", "std_arch": "cnn_small", "epochs": 5, "milestones"
          "test_n": 1000, "eval_n": 1000, "steps": 3, "eval_steps": 5, "batch_size": 128}
 # Settings --fast changes (flags given explicitly still win).
 FAST = {"amp": "bf16", "channels_last": True, "compile": True, "cudnn_benchmark": True}
-SCHEDULES = {"paper": {"epochs": 100, "milestones": [75, 90], "wd": 2e-4},
-             "las": {"epochs": 110, "milestones": [100, 105], "wd": 5e-4}}
+# --schedule fills these where unset; LAS-AT (Tables III/IV) trains and evaluates at eps 8/255
+SCHEDULES = {"paper": {"epochs": 100, "milestones": [75, 90], "wd": 2e-4, "eps": 0.031},
+             "las": {"epochs": 110, "milestones": [100, 105], "wd": 5e-4, "eps": 8 / 255}}
 # Settings added after the first release, with the value that reproduces a run saved before them (its config.json
 # lacks the key), so that such a run resumes exactly as it was trained; new runs get the field's default.
 FIRST_RELEASE = {"baselines": "release1"}
@@ -2089,7 +2092,7 @@ def parse_flags(defaults, argv=None):
 
 def make_config(defaults, given):
     """Config from: field defaults < the script's DEFAULTS < the --quick / --fast presets < the flags given, then
-    --schedule fills epochs / milestones / wd where still unset."""
+    --schedule fills epochs / milestones / wd / eps where still unset."""
     names = {f.name for f in fields(Config)}
     values = dict(defaults)
     if given.get("quick", defaults.get("quick")):

@@ -199,3 +199,18 @@ def test_bad_combinations_exit_2_with_one_line(flags, needle, tiny_npz, tmp_path
                        cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 2 and needle in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert not os.path.exists(tmp_path / "x")
+
+
+# ------------------------------------------------------------------------------ 3. LAS schedule
+def test_las_schedule_trains_and_evaluates_at_8_255(tiny_npz, tmp_path, capsys):
+    assert cfg_of(schedule="las").eps == pytest.approx(8 / 255)
+    assert cfg_of(schedule="las", eps=0.031).eps == 0.031  # an explicit --eps wins
+    assert cfg_of().eps == 0.031
+    out = tmp_path / "las"
+    common.main(DEFAULTS, tiny_args(tiny_npz, out, "--schedule", "las", "--epochs", "1", "--method", "at"), prefix="t")
+    assert json.load(open(out / "config.json"))["config"]["eps"] == pytest.approx(8 / 255)
+    capsys.readouterr()
+    common.main(DEFAULTS, ["--eval", str(out / "last.pt"), "--device", "cpu", "--metrics", "nat,pgd", "--eval-steps", "2"],
+                prefix="t")
+    assert "(8.00/255)" in capsys.readouterr().out
+    assert json.load(open(out / "eval.json"))["eps"] == pytest.approx(8 / 255)
