@@ -558,7 +558,8 @@ def load_model_state(model, state):
 
 def fit_weights(model, state, what, arch, num_classes):
     """load_model_state for a checkpoint a person chose: weights of another class count or another arch
-    are one line (UserError) instead of PyTorch's page-long RuntimeError."""
+    are one line (UserError) instead of PyTorch's page-long RuntimeError. arch: how the model was named
+    ("its saved arch X" / "--arch X")."""
     if not isinstance(state, dict):
         raise UserError(f"{what} holds no weights")
     fc = getattr(getattr(model, "fc", None), "weight", None)  # the last layer: one row per class
@@ -569,7 +570,21 @@ def fit_weights(model, state, what, arch, num_classes):
     try:
         load_model_state(model, state)
     except (RuntimeError, AttributeError) as e:
-        raise UserError(f"{what} does not fit its saved arch {arch}: {' '.join(str(e).split())[:300]}")
+        raise UserError(f"{what} does not fit {arch}: {' '.join(str(e).split())[:300]}")
+
+
+class Normalized(nn.Module):
+    """(x - mean) / std in front of a model that was trained on normalised inputs (some public checkpoints):
+    attacks and eps stay in [0,1] pixel space. Only --eval of a bare state_dict uses it."""
+
+    def __init__(self, model, mean, std):
+        super().__init__()
+        self.model, self.feature_dim = model, model.feature_dim
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
+
+    def forward(self, x, return_features=False):
+        return self.model((x - self.mean.to(x.dtype)) / self.std.to(x.dtype), return_features)
 
 
 # =====================================================================================
@@ -1221,25 +1236,30 @@ def load_checkpoint(path, device):
 
 
 def checkpoint_kind(ck):
-    """What a loaded .pt holds: "run" (one of ours: config, models, progress), "state_dict" (bare weights,
-    e.g. a public model, possibly under "state_dict" / "model") or "other"."""
+    """What a loaded .pt holds: "run" (one of ours: config, models, progress), "state_dict" (bare weights as public
+    releases ship them: TRADES, LBGAT, RobustBench; possibly under "state_dict" / "model", 'module.' prefixes
+    allowed) or "other"."""
     if isinstance(ck, dict) and all(isinstance(ck.get(k), dict) for k in ("config", "models", "progress")):
         return "run"
+    return "state_dict" if bare_state_dict(ck) is not None else "other"
+
+
+def bare_state_dict(ck):
+    """The {name: tensor} weights of a bare checkpoint, else None."""
     inner = ck.get("state_dict", ck.get("model", ck)) if isinstance(ck, dict) else None
     if isinstance(inner, dict) and inner and all(isinstance(v, torch.Tensor) for v in inner.values()):
-        return "state_dict"
-    return "other"
+        return inner
+    return None
 
 
-def check_run_checkpoint(ck, path):
-    """Only our own checkpoints carry the settings evaluation needs; anything else is one line."""
+def check_known_checkpoint(ck, path):
+    """A run checkpoint or a bare state_dict: anything else is one line. Returns the kind."""
     kind = checkpoint_kind(ck)
-    if kind == "state_dict":
-        raise UserError(f"{path} is a bare state_dict (weights only, no settings): evaluating it needs --arch and "
-                        "--dataset, which --eval does not take yet; evaluate a checkpoint of a TRAIN run")
-    if kind != "run":
+    if kind == "other":
         what = f"a dict with keys {sorted(ck)[:6]}" if isinstance(ck, dict) else f"a {type(ck).__name__}"
-        raise UserError(f"{path} is not a TRAIN checkpoint (it holds {what}; ours hold config, models, progress)")
+        raise UserError(f"{path} is not a TRAIN checkpoint (it holds {what}; ours hold config, models, progress) "
+                        "nor a bare state_dict")
+    return kind
 
 
 def checkpoint_progress(path):
@@ -1615,6 +1635,83 @@ def aa_subset_scores(model, x, y, correct, pgd, batch_size):
     return {"n": n, "natural": correct["natural"][:n].float().mean().item(), "pgd": pgd_ok.float().mean().item()}
 
 
+STATE_DICT_FLAGS = ("arch", "dataset", "mean", "std")  # what --eval needs to know of a bare state_dict
+
+
+def eval_run_config(ck, ecfg, path):
+    """The settings --eval works with: the run's own (its data may have moved; --test-n subsets), or for a bare
+    state_dict those the flags give (state_dict_config)."""
+    if check_known_checkpoint(ck, path) == "state_dict":
+        return state_dict_config(ecfg)
+    given = [f"--{k}" for k in STATE_DICT_FLAGS if getattr(ecfg, k) is not None]
+    if given:
+        raise UserError(f"--eval uses the settings saved with the checkpoint: {', '.join(given)} cannot apply "
+                        "(they describe a bare state_dict)")
+    run_cfg = Config.from_saved(ck["config"])
+    for k in ("data_file", "data_dir", "test_n"):
+        if getattr(ecfg, k) is not None:
+            setattr(run_cfg, k, getattr(ecfg, k))
+    return run_cfg
+
+
+def state_dict_config(ecfg):
+    """Settings for a bare state_dict: M' = --arch on --dataset / --data-file (--data-dir, --test-n); eps: --eps,
+    else the paper's 0.031 (the schedule's default)."""
+    if not ecfg.arch:
+        raise UserError("--eval of a bare state_dict needs --arch (e.g. wrn34_10) and --dataset or --data-file")
+    if (ecfg.mean is None) != (ecfg.std is None) or (ecfg.mean is not None and (
+            len(ecfg.mean) != 3 or len(ecfg.std) != 3 or min(ecfg.std) <= 0)):
+        raise UserError("--mean and --std go together: three numbers each (per RGB channel), std > 0")
+    given = {k: getattr(ecfg, k) for k in ("arch", "dataset", "data_file", "data_dir", "test_n") if getattr(ecfg, k)}
+    cfg = make_config({}, {**given, "device": ecfg.device})
+    if not cfg.data_file and not cfg.dataset:
+        raise UserError("--eval of a bare state_dict needs --dataset or --data-file")
+    return cfg
+
+
+def eval_models(ck, run_cfg, ecfg, num_classes, device, path):
+    """The models of a run checkpoint, or M' alone from a bare state_dict (behind Normalized with --mean / --std);
+    in eval mode."""
+    if checkpoint_kind(ck) == "run":
+        models = build_models(run_cfg, num_classes, device)
+        for k, m in models.saved().items():
+            fit_weights(m, ck["models"].get(k), f"checkpoint {path} ({k})",
+                        "its saved arch " + {"adv": run_cfg.arch, "std": std_arch_of(run_cfg)}.get(k, "relation heads"),
+                        num_classes)
+            m.eval()
+        return models
+    model = build_model(run_cfg.arch, num_classes).to(device)
+    fit_weights(model, bare_state_dict(ck), path, f"--arch {run_cfg.arch}", num_classes)
+    if ecfg.mean is not None:
+        model = Normalized(model, ecfg.mean, ecfg.std).to(device)
+    return Models(model.eval())
+
+
+def checkpoint_facts(ck, path):
+    """eval.json's run and epoch of a checkpoint (a bare state_dict: its file name, no epoch)."""
+    path = os.path.abspath(path)
+    if checkpoint_kind(ck) == "state_dict":
+        return {"run": os.path.basename(path), "epoch": None}
+    return {"run": os.path.basename(os.path.dirname(path)), "epoch": ck["progress"]["epoch"]}
+
+
+def export_state_dict(ckpt_path, out_path):
+    """--export CKPT FILE: M' of a run checkpoint as a plain state_dict ({name: tensor}, no 'module.'), the form public
+    releases take. A wrn34_10 loads strictly into RobustBench's WideResNet(depth=34, widen_factor=10)
+    (robustbench/model_zoo/architectures/wide_resnet.py) and into TRADES' models/wideresnet.py except that class's
+    unused sub_block1 (load_state_dict(..., strict=False) there)."""
+    ck = load_checkpoint(ckpt_path, "cpu")
+    if check_known_checkpoint(ck, ckpt_path) != "run":
+        raise UserError(f"--export: {ckpt_path} is a bare state_dict already")
+    tmp = f"{out_path}.tmp{os.getpid()}"
+    try:
+        torch.save(ck["models"]["adv"], tmp)
+        os.replace(tmp, out_path)
+    except OSError as e:
+        raise UserError(f"--export: could not write {out_path}: {e}")
+    return out_path
+
+
 def evaluate(ckpt_path, ecfg, out_dir=None, log=print):
     """Every metric of the paper's tables for one checkpoint -> a dict (eval.json's content).
 
@@ -1622,17 +1719,9 @@ def evaluate(ckpt_path, ecfg, out_dir=None, log=print):
     write_eval() stores the results. Raises UserError, SanityError."""
     device = torch.device(ecfg.device)
     ck = load_checkpoint(ckpt_path, device)
-    check_run_checkpoint(ck, ckpt_path)
-    run_cfg = Config.from_saved(ck["config"])
-    for k in ("data_file", "data_dir", "test_n"):  # data may have moved since training; --test-n subsets
-        if getattr(ecfg, k) is not None:
-            setattr(run_cfg, k, getattr(ecfg, k))
+    run_cfg = eval_run_config(ck, ecfg, ckpt_path)
     data = load_data(run_cfg, device)
-    models = build_models(run_cfg, data.num_classes, device)
-    for k, m in models.saved().items():
-        fit_weights(m, ck["models"].get(k), f"checkpoint {ckpt_path} ({k})",
-                    {"adv": run_cfg.arch, "std": std_arch_of(run_cfg)}.get(k, "relation heads"), data.num_classes)
-        m.eval()
+    models = eval_models(ck, run_cfg, ecfg, data.num_classes, device, ckpt_path)
     if ecfg.eval_model == "std" and models.std is None:
         raise UserError(f"--eval-model std: this checkpoint holds no standard model ({', '.join(models.saved())})")
     model = models.adv if ecfg.eval_model == "adv" else models.std
@@ -1641,9 +1730,9 @@ def evaluate(ckpt_path, ecfg, out_dir=None, log=print):
     eps = run_cfg.eps if ecfg.eps is None else ecfg.eps
     x, y = to_float(data.x_test), data.y_test
     bs = ecfg.eval_batch_size
-    res = {"checkpoint": os.path.abspath(ckpt_path), "run": os.path.basename(os.path.dirname(os.path.abspath(ckpt_path))),
+    res = {"checkpoint": os.path.abspath(ckpt_path), **checkpoint_facts(ck, ckpt_path),
            "model": ecfg.eval_model, "arch": run_cfg.arch if ecfg.eval_model == "adv" else std_arch_of(run_cfg),
-           "epoch": ck["progress"]["epoch"], "eps": eps, "eps_255": eps * 255, "n_test": len(x),
+           "eps": eps, "eps_255": eps * 255, "n_test": len(x),
            "pgd_steps": ecfg.eval_steps, "pgd_step_size": ecfg.eval_step_size, "cw_kappa": ecfg.cw_kappa,
            "warnings": [], "sanity": {}}
     log(f"evaluating {ckpt_path} ({res['arch']}, epoch {res['epoch']}) on {len(x)} test images, "
@@ -1883,6 +1972,13 @@ def count_arg(text):
     return n
 
 
+def float_list(text):
+    try:
+        return [float(v) for v in str(text).split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}")
+
+
 def int_list(text):
     try:
         return [int(v) for v in str(text).split(",") if v.strip()]
@@ -1923,7 +2019,7 @@ class Config:
     """Every setting of a training run. One field = one flag (--name-with-dashes); exp_*.py scripts
     change the defaults (their DEFAULTS dict), --quick and --schedule fill in presets."""
     dataset: str = setting(None, "cifar10/cifar100 (torchvision, downloaded to --data-dir) or tinyimagenet "
-                           "(--data-dir/tiny-imagenet-200)", in_name=False, choices=sorted(TORCHVISION_SETS) + ["tinyimagenet"])
+                           "(--data-dir/tiny-imagenet-200); also the data of --eval of a bare state_dict", in_name=False, choices=sorted(TORCHVISION_SETS) + ["tinyimagenet"])
     image_size: int = setting(0, "resize images to this size first (0 = keep; Tiny ImageNet: 32)", type=int)
     data_dir: str = setting("./data", "where torchvision data sets / tiny-imagenet-200 live", PLACE)
     data_file: str = setting("", "an .npz with x_train, y_train, x_test, y_test (uint8 NHWC) instead of torchvision", PLACE)
@@ -1956,7 +2052,8 @@ class Config:
     beta: float = setting(6.0, "TRADES / MART beta", type=float)
     gamma: float = setting(1.0, "LBGAT guidance weight", type=float)
     alp_weight: float = setting(0.5, "ALP logit-pairing weight", type=float)
-    arch: str = setting("wrn34_10", "adversarial model M'", choices=sorted(MODELS))
+    arch: str = setting("wrn34_10", "adversarial model M' (with --eval of a bare state_dict: its architecture)",
+                        choices=sorted(MODELS))
     std_arch: str = setting(None, "standard model M (unset: resnet18; with --lbgat LBGAT's teacher resnet18_lbgat)",
                             choices=sorted(MODELS))
     eps: float = setting(None, "L-inf radius, 0.031 or 8/255 (unset: from --schedule: paper 0.031, las 8/255); "
@@ -2006,7 +2103,8 @@ class Config:
 
 @dataclass
 class EvalConfig:
-    """Settings of --eval CKPT. Unset (None) eps / data / test_n: those the run was trained with."""
+    """Settings of --eval CKPT. Unset (None) eps / data / test_n: those the run was trained with. arch / dataset /
+    mean / std: only for a bare state_dict (a public checkpoint), which carries no settings."""
     eps: float = setting(None, "", type=parse_number)
     eval_steps: int = setting(20, "", type=int)
     eval_step_size: float = setting(0.003, "", type=parse_number)
@@ -2025,6 +2123,11 @@ class EvalConfig:
     data_file: str = setting(None, "", PLACE)
     data_dir: str = setting(None, "", PLACE)
     test_n: int = setting(None, "", type=count_arg)
+    arch: str = setting(None, "")  # --arch, --dataset: flags of Config; here they describe a bare state_dict
+    dataset: str = setting(None, "")
+    mean: list = setting(None, "a bare state_dict's input normalisation (x - mean) / std: per-channel mean, e.g. "
+                         "0.4914,0.4822,0.4465", type=float_list)
+    std: list = setting(None, "... and per-channel std, e.g. 0.2471,0.2435,0.2616", type=float_list)
 
 
 @dataclass
@@ -2032,6 +2135,8 @@ class Actions:
     """What the command line asks for, beyond the settings; never saved."""
     eval: str = setting("", "evaluate a checkpoint: natural, PGD-20, CW-20, AutoAttack, kNN, test L_TP", CLI, metavar="CKPT")
     table: list = setting(None, "print one markdown table of evaluated runs", CLI, nargs="+", metavar="RUN")
+    export: list = setting(None, "write CKPT's M' as a plain state_dict to FILE (TRADES' / RobustBench's WideResNet "
+                           "key names for wrn34_10)", CLI, nargs=2, metavar=("CKPT", "FILE"))
     out: str = setting("", "run folder (default: <runs-dir>/<name from the non-default flags>)", CLI)
     runs_dir: str = setting("runs", "where run folders are made", CLI)
     resume: bool = setting(False, "continue the run in its folder from last.pt", CLI)
@@ -2490,6 +2595,9 @@ def main(defaults, argv=None, prefix=None):
         if given.get("table"):
             print(results_table(given["table"]))
             return None
+        if given.get("export"):
+            print(f"wrote M' of {given['export'][0]} as a plain state_dict to {export_state_dict(*given['export'])}")
+            return given["export"][1]
         if given.get("eval"):
             out_dir = os.path.dirname(os.path.abspath(given["eval"]))
             evaluate_run(given["eval"], eval_config(given), out_dir)

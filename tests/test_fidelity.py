@@ -214,3 +214,109 @@ def test_las_schedule_trains_and_evaluates_at_8_255(tiny_npz, tmp_path, capsys):
                 prefix="t")
     assert "(8.00/255)" in capsys.readouterr().out
     assert json.load(open(out / "eval.json"))["eps"] == pytest.approx(8 / 255)
+
+
+# ------------------------------------------------------------------------------ 5. public checkpoints
+class RBBlock(nn.Module):
+    """RobustBench's wide_resnet.BasicBlock, by its published layer names (pre-activation; a widening block's
+    shortcut sees the activated input)."""
+
+    def __init__(self, c_in, c_out, stride):
+        super().__init__()
+        self.bn1, self.relu1 = nn.BatchNorm2d(c_in), nn.ReLU()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
+        self.bn2, self.relu2 = nn.BatchNorm2d(c_out), nn.ReLU()
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
+        self.equal = c_in == c_out
+        self.convShortcut = None if self.equal else nn.Conv2d(c_in, c_out, 1, stride, 0, bias=False)
+
+    def forward(self, x):
+        a = self.relu1(self.bn1(x))
+        out = self.conv2(self.relu2(self.bn2(self.conv1(a))))
+        return (x if self.equal else self.convShortcut(a)) + out
+
+
+class RBNetworkBlock(nn.Module):
+    def __init__(self, n, c_in, c_out, stride):
+        super().__init__()
+        self.layer = nn.Sequential(*[RBBlock(c_in if i == 0 else c_out, c_out, stride if i == 0 else 1) for i in range(n)])
+
+    def forward(self, x):
+        return self.layer(x)
+
+
+class RobustBenchWideResNet(nn.Module):
+    """RobustBench's WideResNet(depth, num_classes, widen_factor) with sub_block1=False, its default."""
+
+    def __init__(self, depth=34, num_classes=10, widen_factor=10):
+        super().__init__()
+        n, ch = (depth - 4) // 6, [16, 16 * widen_factor, 32 * widen_factor, 64 * widen_factor]
+        self.conv1 = nn.Conv2d(3, ch[0], 3, 1, 1, bias=False)
+        self.block1 = RBNetworkBlock(n, ch[0], ch[1], 1)
+        self.block2 = RBNetworkBlock(n, ch[1], ch[2], 2)
+        self.block3 = RBNetworkBlock(n, ch[2], ch[3], 2)
+        self.bn1, self.relu = nn.BatchNorm2d(ch[3]), nn.ReLU()
+        self.fc = nn.Linear(ch[3], num_classes)
+
+    def forward(self, x):
+        out = self.relu(self.bn1(self.block3(self.block2(self.block1(self.conv1(x))))))
+        return self.fc(F.avg_pool2d(out, 8).flatten(1))
+
+
+def run_checkpoint(path, model, arch):
+    """A checkpoint as train() writes it, holding `model` as M'."""
+    cfg = cfg_of(arch=arch)
+    torch.save({"models": {"adv": model.state_dict()}, "optimizers": {}, "progress": {"epoch": 3, "step": 0, "sums": {},
+                "best": 0.0}, "rng": None, "config": cfg.to_dict()}, path)
+
+
+def test_export_loads_strictly_into_robustbench_wrn34_10(tmp_path):
+    torch.manual_seed(fresh_seed())
+    ours = common.build_model("wrn34_10", 10)
+    for m in ours.modules():  # trained-looking BN statistics, so a mixed-up key would show in the logits
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.1, 0.1)
+            m.running_var.uniform_(0.5, 2.0)
+    run_checkpoint(tmp_path / "best.pt", ours, "wrn34_10")
+    common.main(DEFAULTS, ["--export", str(tmp_path / "best.pt"), str(tmp_path / "wrn.pt")], prefix="t")
+    state = torch.load(tmp_path / "wrn.pt", weights_only=True)
+    rb = RobustBenchWideResNet(34, 10, 10)
+    rb.load_state_dict(state, strict=True)
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(rb.eval()(x), ours.eval()(x), atol=1e-5)
+
+
+@pytest.mark.parametrize("wrap", ["bare", "state_dict", "module"])
+def test_eval_of_a_bare_state_dict_with_normalisation(wrap, tiny_npz, tmp_path):
+    seed = fresh_seed()
+    torch.manual_seed(seed)
+    model = common.build_model("cnn_small", 4).eval()
+    state = model.state_dict()
+    ck = {"bare": state, "state_dict": {"state_dict": state},
+          "module": {"module." + k: v for k, v in state.items()}}[wrap]
+    torch.save(ck, tmp_path / "public.pt")
+    mean, std = [0.4914, 0.4822, 0.4465], [0.2471, 0.2435, 0.2616]
+    common.main(DEFAULTS, ["--eval", str(tmp_path / "public.pt"), "--arch", "cnn_small", "--data-file", tiny_npz,
+                           "--mean", ",".join(map(str, mean)), "--std", ",".join(map(str, std)), "--device", "cpu",
+                           "--metrics", "nat,pgd", "--eval-steps", "2"], prefix="t")
+    res = json.load(open(tmp_path / "eval.json"))
+    with np.load(tiny_npz) as z:
+        x = torch.from_numpy(z["x_test"]).permute(0, 3, 1, 2).double() / 255
+        y = torch.from_numpy(z["y_test"])
+    m, s = torch.tensor(mean, dtype=torch.float64).view(1, 3, 1, 1), torch.tensor(std, dtype=torch.float64).view(1, 3, 1, 1)
+    with torch.no_grad():
+        want = (model.double()((x - m) / s).argmax(1) == y).double().mean().item()
+    assert res["natural"] == pytest.approx(want), f"seed {seed}"
+    assert res["epoch"] is None and res["arch"] == "cnn_small" and res["eps"] == pytest.approx(0.031)
+
+
+def test_checkpoint_kind_and_bad_state_dicts(tmp_path, tiny_npz):
+    state = common.build_model("cnn_small", 4).state_dict()
+    assert common.checkpoint_kind({"models": {"adv": state}, "config": {}, "progress": {}}) == "run"
+    assert common.checkpoint_kind(state) == common.checkpoint_kind({"state_dict": state}) == "state_dict"
+    torch.save(state, tmp_path / "p.pt")
+    for flags, needle in ((["--arch", "resnet18"], "does not fit --arch resnet18"), ([], "needs --arch")):
+        r = subprocess.run([sys.executable, "exp_cifar10.py", "--eval", str(tmp_path / "p.pt"), "--data-file", tiny_npz,
+                            "--device", "cpu", *flags], cwd=ROOT, capture_output=True, text=True)
+        assert r.returncode == 2 and needle in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr

@@ -446,7 +446,7 @@ def test_aa_on_a_subset_stores_natural_and_pgd_on_it_and_the_row_says_each_n(run
 
 
 @pytest.mark.parametrize("case,needle", [
-    ("bare state_dict", "bare state_dict (weights only, no settings): evaluating it needs --arch and --dataset"),
+    ("bare state_dict", "--eval of a bare state_dict needs --arch"),
     ("dict without config", "is not a TRAIN checkpoint"),
     ("a list", "is not a TRAIN checkpoint (it holds a list"),
     ("not a torch file", "could not read checkpoint"),
