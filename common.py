@@ -15,6 +15,7 @@ Inputs are in [0, 1] everywhere; no normalisation happens outside the models.
 """
 import argparse
 import contextlib
+import dataclasses
 import fcntl
 import json
 import math
@@ -57,6 +58,8 @@ class Data:
     y_test: torch.Tensor
     num_classes: int
     class_names: list = field(default_factory=list)
+    x_val: torch.Tensor = None  # the validation split held out of training (--val-n), else None
+    y_val: torch.Tensor = None
 
 
 NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test")
@@ -285,6 +288,19 @@ def load_data(cfg, device):
     return Data(to_device_uint8(arrays["x_train"], device), torch.as_tensor(arrays["y_train"], dtype=torch.long, device=device),
                 to_device_uint8(arrays["x_test"], device), torch.as_tensor(arrays["y_test"], dtype=torch.long, device=device),
                 num_classes, names)
+
+
+def hold_out_validation(data, val_n):
+    """The last val_n training images become the validation split that picks best.pt (model selection on
+    held-out training data as in Rice et al.'s early stopping, never on the test set); training uses the rest.
+    The shared CIFAR-10 copy keeps the official training order, whose last images are about class-balanced."""
+    if not val_n:
+        return data
+    n = len(data.x_train)
+    if val_n >= n:
+        raise UserError(f"--val-n {val_n} leaves no training images (the training set has {n}); lower it, or 0 for none")
+    return dataclasses.replace(data, x_train=data.x_train[:n - val_n], y_train=data.y_train[:n - val_n],
+                               x_val=data.x_train[n - val_n:], y_val=data.y_train[n - val_n:])
 
 
 def epoch_plan(n, seed, epoch, pad=4):
@@ -1180,19 +1196,45 @@ def accelerate(models, cfg):
     return models
 
 
-def epoch_eval(models, data, cfg, epoch):
-    """Per-epoch monitoring on the first --eval-n test images; its randomness is forked from a
-    fixed seed so it neither depends on nor disturbs the training stream."""
-    x, y = to_float(data.x_test[:cfg.eval_n]), data.y_test[:cfg.eval_n]
+def monitored_accuracies(named_models, x, y, cfg, seed):
+    """{prefix + "nat_acc", prefix + "pgd<k>_acc"} of each (prefix, model) on x; the randomness is forked from
+    `seed` so monitoring neither depends on nor disturbs the training stream."""
     attack = pgd_attack(cfg.eps, cfg.eval_step_size, cfg.eval_steps)
     acc = lambda model, atk=None: correct_under(model, x, y, atk)[1].float().mean().item()
+    out = {}
     with torch.random.fork_rng(devices=[x.device] if x.is_cuda else []):
-        torch.manual_seed(cfg.seed + 7919 * epoch)
-        out = {"nat_acc": acc(models.adv), f"pgd{cfg.eval_steps}_acc": acc(models.adv, attack)}
-        if models.std is not None:
-            out["std_nat_acc"] = acc(models.std)
-            out[f"std_pgd{cfg.eval_steps}_acc"] = acc(models.std, attack)
+        torch.manual_seed(seed)
+        for prefix, model in named_models:
+            out[f"{prefix}nat_acc"] = acc(model)
+            out[f"{prefix}pgd{cfg.eval_steps}_acc"] = acc(model, attack)
     return out
+
+
+def epoch_eval(models, data, cfg, epoch):
+    """Per-epoch monitoring of M' (and M) on the first --eval-n test images: reported, never used to pick best.pt
+    when a validation split exists."""
+    named = [("", models.adv)] + ([("std_", models.std)] if models.std is not None else [])
+    return monitored_accuracies(named, to_float(data.x_test[:cfg.eval_n]), data.y_test[:cfg.eval_n], cfg,
+                                cfg.seed + 7919 * epoch)
+
+
+def val_eval(models, data, cfg, epoch):
+    """Per-epoch accuracies of M' on the validation split (val_nat_acc, val_pgd<k>_acc); {} without one."""
+    if data.x_val is None:
+        return {}
+    return monitored_accuracies([("val_", models.adv)], to_float(data.x_val), data.y_val, cfg, cfg.seed + 7919 * epoch + 1)
+
+
+def selection_metric(cfg):
+    """The metrics.jsonl column best.pt is picked by: PGD accuracy on the validation split, or with --val-n 0
+    (and in every run before validation splits existed) on the monitored test images."""
+    return f"{'val_' if cfg.val_n else ''}pgd{cfg.eval_steps}_acc"
+
+
+def checkpoint_to_evaluate(cfg):
+    """best.pt when it was picked on held-out training data; else last.pt (a best.pt picked on test images
+    would be model selection on the test set; a standard model's PGD accuracy picks nothing useful)."""
+    return "best.pt" if cfg.val_n and cfg.method != "standard" else "last.pt"
 
 
 def rng_states():
@@ -1337,7 +1379,7 @@ class StopFlag:
 
 
 def train(cfg, run_dir, data, resume=False, log=print, on_start=None):
-    """The epoch loop: train, monitor, checkpoint (last.pt every epoch, best.pt by PGD accuracy).
+    """The epoch loop: train, monitor, checkpoint (last.pt every epoch, best.pt by selection_metric).
     on_start() runs once the models, optimisers and batches are known to work, before the first step
     (run() creates the run folder's files there). Returns the models; raises Interrupted after saving
     last.pt when a signal asked it to stop."""
@@ -1409,15 +1451,16 @@ def train(cfg, run_dir, data, resume=False, log=print, on_start=None):
             row.update({f"loss/{k}": v.item() / n_batches for k, v in sums.items()})
             row["loss/total"] = sum(v for k, v in row.items() if k.startswith("loss/"))
             row.update(epoch_eval(models, data, cfg, epoch))
+            row.update(val_eval(models, data, cfg, epoch))
             row["seconds"] = time.time() - t0
-            metric = row[f"pgd{cfg.eval_steps}_acc"]
+            metric = row[selection_metric(cfg)]
             is_best = metric > progress["best"]
             progress = {"epoch": epoch, "step": 0, "sums": {}, "best": max(metric, progress["best"])}
             with open(os.path.join(run_dir, "metrics.jsonl"), "a") as fh:
                 fh.write(json.dumps(row) + "\n")
             save(last, progress)
-            if is_best:
-                save(best, progress)
+            if is_best:  # says what it was picked on (eval.json and --table report it)
+                save(best, {**progress, "selected_on": "val" if cfg.val_n else "test"})
             log(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
             if StopFlag.requested and epoch < cfg.epochs:
                 raise Interrupted(f"interrupted after epoch {epoch}: {last} saved; continue with --resume",
@@ -1688,11 +1731,14 @@ def eval_models(ck, run_cfg, ecfg, num_classes, device, path):
 
 
 def checkpoint_facts(ck, path):
-    """eval.json's run and epoch of a checkpoint (a bare state_dict: its file name, no epoch)."""
+    """eval.json's run, epoch and selection: 'best-by-val' / 'best-by-test' (a best.pt picked on the validation split /
+    on monitored test images, as every best.pt before validation splits existed), 'last', or 'state_dict'."""
     path = os.path.abspath(path)
     if checkpoint_kind(ck) == "state_dict":
-        return {"run": os.path.basename(path), "epoch": None}
-    return {"run": os.path.basename(os.path.dirname(path)), "epoch": ck["progress"]["epoch"]}
+        return {"run": os.path.basename(path), "epoch": None, "selection": "state_dict"}
+    on = ck["progress"].get("selected_on") or ("test" if os.path.basename(path) == "best.pt" else None)
+    return {"run": os.path.basename(os.path.dirname(path)), "epoch": ck["progress"]["epoch"],
+            "selection": f"best-by-{on}" if on else "last"}
 
 
 def export_state_dict(ckpt_path, out_path):
@@ -1891,8 +1937,8 @@ def sanity_checks(model, x, y, ecfg, res, warn, n=500):
         warn(f"PGD at eps 0.5 still leaves {acc:.1%} accuracy (expected near 0): possible gradient masking")
 
 
-TABLE_HEADER = ("| run | eps | Natural | PGD-20 | CW-20 | AA | kNN natural | kNN robust |\n"
-                "| --- | --- | --- | --- | --- | --- | --- | --- |")
+TABLE_HEADER = ("| run | eps | Natural | PGD-20 | CW-20 | AA | kNN natural | kNN robust | checkpoint |\n"
+                "| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
 
 
 def row_label(res):
@@ -1912,7 +1958,8 @@ def aa_cell(res, pct):
 
 def results_row(res, k="30"):
     """One markdown row in the paper's column order; kNN at k=30 (or the first k evaluated). Every row says
-    how many test images each column used (row_label, aa_cell)."""
+    how many test images each column used (row_label, aa_cell); the last
+    column says which checkpoint (checkpoint_facts' selection; '-' in eval.json files written before it existed)."""
     def pct(v):
         return "-" if v is None else f"{100 * v:.2f}"
     knn = res.get("knn") or {}
@@ -1922,7 +1969,8 @@ def results_row(res, k="30"):
     cells = [row_label(res), f"{res['eps'] * 255:.2f}/255",
              pct(res.get("natural")), pct(res.get("pgd")) + steps_note * ("pgd" in res),
              pct(res.get("cw")) + steps_note * ("cw" in res), aa,
-             pct(knn["natural"][kk]) if kk else "-", pct(knn["robust"][kk]) if kk else "-"]
+             pct(knn["natural"][kk]) if kk else "-", pct(knn["robust"][kk]) if kk else "-",
+             res.get("selection", "-")]
     return "| " + " | ".join(cells) + " |"
 
 
@@ -2024,6 +2072,9 @@ class Config:
     data_dir: str = setting("./data", "where torchvision data sets / tiny-imagenet-200 live", PLACE)
     data_file: str = setting("", "an .npz with x_train, y_train, x_test, y_test (uint8 NHWC) instead of torchvision", PLACE)
     train_n: int = setting(0, "use the first N >= 1 training images (not given: all)", type=count_arg)
+    val_n: int = setting(1000, "hold the last N training images (after --train-n) out as the validation split that "
+                         "picks best.pt (0 = none: best.pt is then picked on monitored test images; evaluate last.pt)",
+                         type=int)
     test_n: int = setting(0, "use the first N >= 1 test images (not given: all)", type=count_arg)
     method: str = setting("trades", "base method (standard = natural training)", in_name=False, choices=sorted(BASE_METHODS))
     baselines: str = setting("official", "training attack starts and TRADES + LBGAT's loss: official (as the authors' "
@@ -2150,7 +2201,7 @@ class Parser(argparse.ArgumentParser):
 
 
 # Settings --quick changes: a minutes-long CPU run that exercises the whole pipeline.
-QUICK = {"arch": "cnn_small", "std_arch": "cnn_small", "epochs": 5, "milestones": [4], "train_n": 3072,
+QUICK = {"arch": "cnn_small", "std_arch": "cnn_small", "epochs": 5, "milestones": [4], "train_n": 3072, "val_n": 500,
          "test_n": 1000, "eval_n": 1000, "steps": 3, "eval_steps": 5, "batch_size": 128}
 # Settings --fast changes (flags given explicitly still win).
 FAST = {"amp": "bf16", "channels_last": True, "compile": True, "cudnn_benchmark": True}
@@ -2159,7 +2210,7 @@ SCHEDULES = {"paper": {"epochs": 100, "milestones": [75, 90], "wd": 2e-4, "eps":
              "las": {"epochs": 110, "milestones": [100, 105], "wd": 5e-4, "eps": 8 / 255}}
 # Settings added after the first release, with the value that reproduces a run saved before them (its config.json
 # lacks the key), so that such a run resumes exactly as it was trained; new runs get the field's default.
-FIRST_RELEASE = {"baselines": "release1"}
+FIRST_RELEASE = {"val_n": 0, "baselines": "release1"}
 GROUPS = ((Config, "run settings"), (EvalConfig, "evaluation (--eval CKPT; unset: the run's own eps and data)"),
           (Actions, "run folder, tables"))
 
@@ -2235,7 +2286,7 @@ def validate(cfg):
 
 # The lowest value of each numeric setting of Config and EvalConfig (lists: of each entry); where 0 is
 # allowed it means "all" or "off", as the flag's help says.
-LOWEST = {"image_size": 0, "train_n": 0, "test_n": 0, "steps": 1, "eval_steps": 1, "awp_warmup": 0, "seed": 0,
+LOWEST = {"image_size": 0, "train_n": 0, "val_n": 0, "test_n": 0, "steps": 1, "eval_steps": 1, "awp_warmup": 0, "seed": 0,
           "milestones": 1, "lr": 0, "momentum": 0, "wd": 0, "beta": 0, "gamma": 0, "alp_weight": 0, "awp_gamma": 0,
           "aa_n": 0, "knn_k": 1, "knn_train_n": 0, "eval_batch_size": 1, "cw_kappa": 0}
 
@@ -2552,6 +2603,7 @@ def run(cfg, run_dir, resume=False, overwrite=False, command=""):
             return run_dir
         check_writable(run_dir)
         data = load_data(cfg, torch.device(cfg.device))  # bad data -> error before anything is written
+        data = hold_out_validation(data, cfg.val_n)
         log = make_logger(run_dir)
         train(cfg, run_dir, data, resume=resume, log=log,
               on_start=lambda: start_run_dir(run_dir, cfg, resume, command, log))
@@ -2609,7 +2661,8 @@ def main(defaults, argv=None, prefix=None):
             cfg = resume_config(run_dir, given)
         run(cfg, run_dir, resume=given.get("resume", False), overwrite=given.get("overwrite", False),
             command=" ".join([script] + argv))
-        print(f"done: results in {run_dir}; evaluate with: python {script} --eval {os.path.join(run_dir, 'best.pt')}")
+        print(f"done: results in {run_dir}; evaluate with: python {script} --eval "
+              f"{os.path.join(run_dir, checkpoint_to_evaluate(cfg))}")
         return run_dir
     except UserError as e:
         sys.stderr.write(f"error: {e}\n")

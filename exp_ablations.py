@@ -20,8 +20,9 @@ import torch
 import common
 
 DEFAULTS = dict(dataset="cifar100", method="trades", lam="20a", arch="wrn34_10")  # M: resnet18 (LBGAT: resnet18_lbgat)
-# --quick: smoke scale, minutes on a CPU (common's --quick preset, then these)
-STUDY_QUICK = {"quick": True, "epochs": 2, "milestones": [2], "train_n": 1024, "test_n": 500, "eval_n": 500}
+# --quick: smoke scale, minutes on a CPU (common's --quick preset, then these); 2 epochs leave nothing to select
+# on a validation split: no split, and last.pt is evaluated
+STUDY_QUICK = {"quick": True, "epochs": 2, "milestones": [2], "train_n": 1024, "val_n": 0, "test_n": 500, "eval_n": 500}
 QUICK_EVAL = {"knn_train_n": 1024, "aa_n": 100}  # smoke scale: AutoAttack on 100 images, kNN support 1,024
 FULL_METRICS = ["nat", "pgd", "cw", "aa"]
 BETA_KS = [5, 10, 20, 30, 40, 50]
@@ -176,7 +177,7 @@ def run_and_evaluate(study, label, settings, ecfg, dry_run, log, run_dir=None, c
             return {"failed": "diverged"}
     eval_json = os.path.join(run_dir, "eval.json")
     if not os.path.isfile(eval_json):
-        ckpt = ckpt or ("last.pt" if cfg.method == "standard" else "best.pt")
+        ckpt = ckpt or common.checkpoint_to_evaluate(cfg)
         return common.evaluate_run(os.path.join(run_dir, ckpt), ecfg, run_dir)
     with open(eval_json) as fh:
         return json.load(fh)
@@ -282,8 +283,9 @@ Scale "cpu" (chosen by measuring, 2026-12-01, AMD EPYC, one thread per run, batc
   --configs (README).
 Scale "gpu": PreAct-ResNet-18 M' / ResNet-18 M on full CIFAR-10, PGD-10, 30 epochs (lr x0.1 at 23, 27),
   standard AutoAttack on 1,000 images; every run resumes, so --max-minutes splits it into GPU jobs.
-The cpu scale keeps the first release's training-attack start (baselines="release1": TRADES' start clamped to
-  [0,1]), with which its runs were started, so that finished and unfinished runs stay one study.
+Both scales evaluate last.pt, so they hold out no validation split (val_n=0). The cpu scale keeps the first
+  release's training-attack start (baselines="release1": TRADES' start clamped to [0,1]), with which its runs
+  were started, so that finished and unfinished runs stay one study.
 """
 EVIDENCE_CONFIGS = [("standard", "Standard", {"method": "standard"}),
                     ("at", "AT", {"method": "at"}),
@@ -296,11 +298,11 @@ SHARED_CIFAR10 = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", 
 EVIDENCE_SCALES = {
     "cpu": {"train": dict(dataset="cifar10", data_file=SHARED_CIFAR10, arch="cnn6", std_arch="cnn6", train_n=8000,
                           test_n=1000, epochs=8, milestones=[6, 7], steps=3, step_size=0.01, eval_steps=10, eval_n=500,
-                          lam="5", beta=6.0, device="cpu", baselines="release1"),
+                          lam="5", beta=6.0, device="cpu", val_n=0, baselines="release1"),
             "eval": dict(aa_n=1000, aa_attacks=["apgd-ce", "apgd-dlr"], knn_k=[30], knn_train_n=1000)},
     "gpu": {"train": dict(dataset="cifar10", data_file=SHARED_CIFAR10, arch="preact_resnet18", std_arch="resnet18",
                           epochs=30, milestones=[23, 27], steps=10, step_size=0.007, eval_steps=20, eval_n=1000, lam="5",
-                          beta=6.0),
+                          beta=6.0, val_n=0),
             "eval": dict(aa_n=1000, knn_k=[30], knn_train_n=10000)},
 }
 EVIDENCE_METRICS = [("natural", "Natural"), ("pgd", "PGD-20"), ("cw", "CW-20"), ("aa", "AA"),

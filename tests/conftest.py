@@ -27,11 +27,12 @@ def tiny_npz(tmp_path):
     return str(path)
 
 
-# A test experiment script's defaults, and the flags of a seconds-long run on the tiny_npz data.
-DEFAULTS = dict(dataset="cifar10", method="trades", lam="5", arch="wrn34_10")
+# A test experiment script's defaults, and the flags of a seconds-long run on the tiny_npz data (64 training
+# images: no validation split unless a test asks for one, after tiny_args or in its DEFAULTS).
+DEFAULTS = dict(dataset="cifar10", method="trades", lam="5", arch="wrn34_10", val_n=0)
 
 
 def tiny_args(npz, out, *extra):
     return ["--data-file", npz, "--out", str(out), "--arch", "cnn_small", "--std-arch", "cnn_small",
             "--epochs", "2", "--batch-size", "16", "--steps", "2", "--eval-steps", "2", "--eval-n", "16",
-            "--device", "cpu", *extra]
+            "--device", "cpu", "--val-n", "0", *extra]

@@ -1,4 +1,5 @@
-"""Issue 11: the baselines as their authors released them, the LAS eps, and evaluating / exporting plain state_dicts.
+"""Issue 11: the baselines as their authors released them, model selection on held-out training data, the LAS
+eps, and evaluating / exporting plain state_dicts.
 
 The references below re-implement the official code in float64, independently of common.py:
   TRADES  yaodongyu/TRADES trades.py            start x + 0.001 N(0,1), not clamped before the first step
@@ -89,16 +90,6 @@ def test_first_training_attack_step_is_the_official_one(method):
         torch.manual_seed(seed)
         old = common.BASE_METHODS[method].attack(model, x, y, cfg)
         assert (old != want).float().mean() > 0.01, f"seed {seed}"
-
-
-def test_old_configs_load_with_the_first_release_baselines():
-    with open(os.path.join(ROOT, "tests", "fixtures", "legacy_run", "config.json")) as fh:
-        old = common.Config.from_saved(json.load(fh)["config"])
-    assert old.baselines == "release1" and not old.lbgat0
-    new = cfg_of()
-    assert new.baselines == "official"
-    assert common.Config.from_saved(new.to_dict()) == new  # today's runs load as saved
-
 
 
 # ------------------------------------------------------------------------------ 1. LBGAT
@@ -192,7 +183,7 @@ def test_lbgat_teacher_is_resnet18_lbgat_unless_given():
 
 @pytest.mark.parametrize("flags,needle", [(["--lbgat0"], "--lbgat0 needs --lbgat"),
                                           (["--lbgat", "--lbgat0", "--method", "trades"], "--method at"),
-])
+                                          (["--val-n", "64"], "--val-n 64 leaves no training images")])
 def test_bad_combinations_exit_2_with_one_line(flags, needle, tiny_npz, tmp_path):
     r = subprocess.run([sys.executable, "exp_cifar10.py", "--data-file", tiny_npz, "--out", str(tmp_path / "x"),
                         "--device", "cpu", "--arch", "cnn_small", "--std-arch", "cnn_small", "--batch-size", "16", *flags],
@@ -214,6 +205,64 @@ def test_las_schedule_trains_and_evaluates_at_8_255(tiny_npz, tmp_path, capsys):
                 prefix="t")
     assert "(8.00/255)" in capsys.readouterr().out
     assert json.load(open(out / "eval.json"))["eps"] == pytest.approx(8 / 255)
+
+
+# ------------------------------------------------------------------------------ 4. model selection on held-out data
+def test_old_configs_load_without_validation_split_and_with_the_first_release_baselines():
+    with open(os.path.join(ROOT, "tests", "fixtures", "legacy_run", "config.json")) as fh:
+        old = common.Config.from_saved(json.load(fh)["config"])
+    assert (old.val_n, old.baselines, old.lbgat0) == (0, "release1", False)
+    new = cfg_of()
+    assert (new.val_n, new.baselines) == (1000, "official")
+    assert common.Config.from_saved(new.to_dict()) == new  # today's runs load as saved
+    assert cfg_of(quick=True).val_n == 500
+
+
+def test_validation_split_is_held_out_and_monitored(tiny_npz, tmp_path, monkeypatch):
+    labels = []
+    real_step = common.train_step
+    monkeypatch.setattr(common, "train_step", lambda *a, **kw: (labels.append(a[3]), real_step(*a, **kw))[1])
+    out = tmp_path / "val"
+    common.main(DEFAULTS, tiny_args(tiny_npz, out, "--val-n", "16", "--method", "at"), prefix="t")
+    assert len(labels) == 2 * 3  # 64 - 16 = 48 training images: 3 batches of 16 per epoch
+    rows = [json.loads(l) for l in open(out / "metrics.jsonl")]
+    assert all({"val_nat_acc", "val_pgd2_acc", "nat_acc", "pgd2_acc"} <= set(r) for r in rows)
+    # val_nat_acc is M''s accuracy on the last 16 training images
+    with np.load(tiny_npz) as z:
+        x_val = torch.from_numpy(z["x_train"][-16:]).permute(0, 3, 1, 2).float() / 255
+        y_val = torch.from_numpy(z["y_train"][-16:])
+    model = common.build_model("cnn_small", 4)
+    model.load_state_dict(torch.load(out / "last.pt", weights_only=False)["models"]["adv"])
+    with torch.no_grad():
+        acc = (model.eval()(x_val).argmax(1) == y_val).double().mean().item()
+    assert rows[-1]["val_nat_acc"] == pytest.approx(acc)
+
+
+def test_best_pt_is_chosen_on_validation_not_test(tiny_npz, tmp_path, monkeypatch, capsys):
+    """Test accuracy peaks in epoch 1, validation accuracy in epoch 2: best.pt must be epoch 2's."""
+    monkeypatch.setattr(common, "epoch_eval", lambda models, data, cfg, epoch: {"nat_acc": 0.5, "pgd2_acc": [0.9, 0.1][epoch - 1]})
+    real_val = common.val_eval
+    monkeypatch.setattr(common, "val_eval", lambda models, data, cfg, epoch: {**real_val(models, data, cfg, epoch),
+                                                                              "val_pgd2_acc": [0.1, 0.9][epoch - 1]})
+    out = tmp_path / "sel"
+    common.main(DEFAULTS, tiny_args(tiny_npz, out, "--val-n", "16", "--method", "at"), prefix="t")
+    assert torch.load(out / "best.pt", weights_only=False)["progress"]["epoch"] == 2
+    for ckpt, label in (("best.pt", "best-by-val"), ("last.pt", "last")):
+        common.main(DEFAULTS, ["--eval", str(out / ckpt), "--device", "cpu", "--metrics", "nat", "--eval-steps", "1"],
+                    prefix="t")
+        assert json.load(open(out / "eval.json"))["selection"] == label
+    capsys.readouterr()
+    common.main(DEFAULTS, ["--table", str(out)], prefix="t")
+    table = capsys.readouterr().out.strip().splitlines()
+    assert table[0].rstrip().endswith("| checkpoint |") and table[2].rstrip().endswith("| last |")
+
+
+def test_without_validation_split_best_pt_says_it_was_chosen_on_test(tiny_npz, tmp_path):
+    out = tmp_path / "noval"
+    common.main(DEFAULTS, tiny_args(tiny_npz, out, "--method", "at", "--epochs", "1"), prefix="t")
+    common.main(DEFAULTS, ["--eval", str(out / "best.pt"), "--device", "cpu", "--metrics", "nat", "--eval-steps", "1"],
+                prefix="t")
+    assert json.load(open(out / "eval.json"))["selection"] == "best-by-test"
 
 
 # ------------------------------------------------------------------------------ 5. public checkpoints
@@ -308,7 +357,7 @@ def test_eval_of_a_bare_state_dict_with_normalisation(wrap, tiny_npz, tmp_path):
     with torch.no_grad():
         want = (model.double()((x - m) / s).argmax(1) == y).double().mean().item()
     assert res["natural"] == pytest.approx(want), f"seed {seed}"
-    assert res["epoch"] is None and res["arch"] == "cnn_small" and res["eps"] == pytest.approx(0.031)
+    assert res["selection"] == "state_dict" and res["arch"] == "cnn_small" and res["eps"] == pytest.approx(0.031)
 
 
 def test_checkpoint_kind_and_bad_state_dicts(tmp_path, tiny_npz):
