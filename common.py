@@ -1753,7 +1753,7 @@ def export_state_dict(ckpt_path, out_path):
     try:
         torch.save(ck["models"]["adv"], tmp)
         os.replace(tmp, out_path)
-    except OSError as e:
+    except (OSError, RuntimeError) as e:  # torch.save reports a missing folder as a RuntimeError
         raise UserError(f"--export: could not write {out_path}: {e}")
     return out_path
 

@@ -360,8 +360,12 @@ def test_eval_of_a_bare_state_dict_with_normalisation(wrap, tiny_npz, tmp_path):
     assert res["selection"] == "state_dict" and res["arch"] == "cnn_small" and res["eps"] == pytest.approx(0.031)
 
 
-def test_checkpoint_kind_and_bad_state_dicts(tmp_path, tiny_npz):
+def test_checkpoint_kind_and_bad_state_dicts(tmp_path, tiny_npz, capsys):
     state = common.build_model("cnn_small", 4).state_dict()
+    run_checkpoint(tmp_path / "last.pt", common.build_model("cnn_small", 4), "cnn_small")
+    with pytest.raises(SystemExit) as e:
+        common.main(DEFAULTS, ["--export", str(tmp_path / "last.pt"), str(tmp_path / "no" / "such" / "dir.pt")], prefix="t")
+    assert e.value.code == 2 and len(capsys.readouterr().err.strip().splitlines()) == 1
     assert common.checkpoint_kind({"models": {"adv": state}, "config": {}, "progress": {}}) == "run"
     assert common.checkpoint_kind(state) == common.checkpoint_kind({"state_dict": state}) == "state_dict"
     torch.save(state, tmp_path / "p.pt")
