@@ -291,8 +291,15 @@ EVIDENCE_CONFIGS = [("standard", "Standard", {"method": "standard"}),
                     ("at", "AT", {"method": "at"}),
                     ("at_train", "AT + TRAIN", {"method": "at", "train": True}),
                     ("trades", "TRADES", {"method": "trades"}),
-                    ("trades_train", "TRADES + TRAIN", {"method": "trades", "train": True})]
-EVIDENCE_PAIRS = [("at", "at_train"), ("trades", "trades_train")]
+                    ("trades_train", "TRADES + TRAIN", {"method": "trades", "train": True}),
+                    # variants of AT + TRAIN (issue 13: what was tried), on EVIDENCE_VARIANT_SEEDS unless named
+                    ("at_train_lam20a", "AT + TRAIN, lambda 20a", {"method": "at", "train": True, "lam": common.Lambda.parse("20a")}),
+                    ("at_train_lam1", "AT + TRAIN, lambda 1", {"method": "at", "train": True, "lam": common.Lambda.parse("1")}),
+                    ("at_train_nat", "AT + TRAIN, tp-input nat", {"method": "at", "train": True, "tp_input": "nat"}),
+                    ("at_train_mean", "AT + TRAIN, reduction mean", {"method": "at", "train": True, "tp_reduction": "mean"})]
+EVIDENCE_VARIANTS = ("at_train_lam20a", "at_train_lam1", "at_train_nat", "at_train_mean")
+EVIDENCE_VARIANT_SEEDS = [1]
+EVIDENCE_PAIRS = [("at", "at_train"), ("trades", "trades_train")] + [("at", v) for v in EVIDENCE_VARIANTS]
 EVIDENCE_SEEDS = [1, 2, 3]
 SHARED_CIFAR10 = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "shared", "data", "cifar10.npz")
 EVIDENCE_SCALES = {
@@ -311,13 +318,15 @@ EVIDENCE_METRICS = [("natural", "Natural"), ("pgd", "PGD-20"), ("cw", "CW-20"), 
 
 
 def evidence_runs(configs=None, seeds=EVIDENCE_SEEDS):
-    """[(key, label, seed, settings, metrics)] of the evidence study."""
+    """[(key, label, seed, settings, metrics)] of the evidence study. The variants run on the seeds of
+    EVIDENCE_VARIANT_SEEDS among `seeds`, or on all of `seeds` when --configs names them."""
     out = []
     for key, label, settings in EVIDENCE_CONFIGS:
         if configs and key not in configs:
             continue
         metrics = ["nat", "pgd"] if key == "standard" else ["nat", "pgd", "cw", "aa", "knn", "tp"]
-        out += [(key, label, seed, {**settings, "seed": seed}, metrics) for seed in seeds]
+        run_seeds = [s for s in seeds if s in EVIDENCE_VARIANT_SEEDS] if key in EVIDENCE_VARIANTS and not configs else seeds
+        out += [(key, label, seed, {**settings, "seed": seed}, metrics) for seed in run_seeds]
     return out
 
 
