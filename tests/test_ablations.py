@@ -36,7 +36,16 @@ def test_dry_run_lists_the_runs(study, capsys, tmp_path):
     assert len({st.dir_of(s) for _, s, _ in listed}) == len(listed)  # one folder per run
     if study in EXPECTED:
         assert [settings for _, settings, _ in listed] == EXPECTED[study]
-    assert not os.listdir(tmp_path)  # a dry run makes nothing
+    assert not os.listdir(tmp_path)
+
+
+def test_evidence_variants_run_on_their_seeds_unless_named():
+    runs = ab.evidence_runs(None, [1, 2, 3])
+    assert sorted(s for k, _, s, _, _ in runs if k == "at_train_lam20a") == ab.EVIDENCE_VARIANT_SEEDS
+    assert sorted(s for k, _, s, _, _ in runs if k == "at_train") == [1, 2, 3]
+    named = ab.evidence_runs(["at_train_nat"], [2, 3])
+    assert [(k, s, st["tp_input"]) for k, _, s, st, _ in named] == [("at_train_nat", 2, "nat"), ("at_train_nat", 3, "nat")]
+    assert all(("at", v) in ab.EVIDENCE_PAIRS for v in ab.EVIDENCE_VARIANTS)  # a dry run makes nothing
 
 
 def test_study_folders_use_the_run_naming_scheme(tmp_path):
@@ -174,7 +183,8 @@ def test_evidence_tables_against_hand_computation():
 def test_evidence_dry_run_lists_both_scales(capsys, tmp_path):
     ab.main(["--study", "evidence", "--dry-run", "--runs-dir", str(tmp_path)])
     out = capsys.readouterr().out.splitlines()
-    n = len(ab.EVIDENCE_CONFIGS) * len(ab.EVIDENCE_SEEDS)
+    n = ((len(ab.EVIDENCE_CONFIGS) - len(ab.EVIDENCE_VARIANTS)) * len(ab.EVIDENCE_SEEDS)
+         + len(ab.EVIDENCE_VARIANTS) * len(ab.EVIDENCE_VARIANT_SEEDS))
     assert len(out) == 2 * n
     assert all("M'=cnn6" in l and "PGD-3" in l for l in out if l.startswith("[cpu]"))
     assert sum(l.startswith("[gpu]") and "M'=preact_resnet18 M=resnet18" in l and "PGD-10" in l for l in out) == n
