@@ -1490,10 +1490,40 @@ def features_of(model, x, batch_size=500):
     return torch.cat([model(x[i:i + batch_size], return_features=True)[0].float() for i in range(0, len(x), batch_size)])
 
 
+PROGRESS_EVERY = 30.0  # seconds between two progress lines when stderr is not a terminal
+
+
+class Ticker:
+    """Progress for a log file: when stderr is not a terminal (a batch job, `> log`), where tqdm's bars are
+    off, print(f"{desc}: {message}") at most once every PROGRESS_EVERY seconds; silent on a terminal."""
+
+    def __init__(self, desc):
+        self.desc, self.on = desc, not sys.stderr.isatty()
+        self.start = self.last = time.time()
+
+    def __call__(self, message):
+        now = time.time()
+        if self.on and now - self.last >= PROGRESS_EVERY:
+            self.last = now
+            print(f"{self.desc}: {message} ({now - self.start:.0f} s)", flush=True)
+
+
+def progress(iterable, desc, total=None):
+    """tqdm's bar on a terminal; elsewhere a Ticker line ("i/total done") every PROGRESS_EVERY seconds."""
+    if sys.stderr.isatty():
+        yield from tqdm(iterable, desc=desc, total=total, leave=False)
+        return
+    total = len(iterable) if total is None else total
+    tick = Ticker(desc)
+    for i, item in enumerate(iterable):
+        tick(f"{i}/{total} batches done")
+        yield item
+
+
 def attack_all(model, x, y, attack, batch_size=500, desc="attack"):
-    """attack(model, xb, yb) -> xb' over the whole set, in batches, with a progress bar."""
+    """attack(model, xb, yb) -> xb' over the whole set, in batches, with progress (bar or log lines)."""
     out = torch.empty_like(x)
-    for i in tqdm(range(0, len(x), batch_size), desc=desc, leave=False, disable=None):
+    for i in progress(range(0, len(x), batch_size), desc):
         out[i:i + batch_size] = attack(model, x[i:i + batch_size], y[i:i + batch_size])
     return out
 
@@ -1525,13 +1555,14 @@ def pgd_attack(eps, step_size, steps, loss="ce", kappa=50.0):
 
 
 class _ListHandler:
-    """Collects pyautoattack's log lines (it reports per-attack robust accuracy only through logging)."""
+    """Collects pyautoattack's log lines (it reports per-attack robust accuracy only through logging), or
+    hands each to `sink` (e.g. a Ticker)."""
 
-    def __init__(self):
+    def __init__(self, sink=None):
         import logging
         self.lines = []
         self.handler = logging.Handler(logging.DEBUG)
-        self.handler.emit = lambda record: self.lines.append(record.getMessage())
+        self.handler.emit = lambda record: (sink or self.lines.append)(record.getMessage())
 
 
 def run_autoattack(model, x, y, eps, seed, log_path=None, attacks=None, batch_size=500, device="cpu", fast=False):
@@ -1551,7 +1582,7 @@ def run_autoattack(model, x, y, eps, seed, log_path=None, attacks=None, batch_si
         aa.square.n_queries = 100
     logger = logging.getLogger("auto-attack")
     collector = _ListHandler()
-    handlers = [collector.handler]
+    handlers = [collector.handler, _ListHandler(Ticker("AutoAttack")).handler]  # its latest line every ~30 s
     if log_path:
         fh = logging.FileHandler(log_path)
         fh.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
@@ -2341,11 +2372,16 @@ def run_name(cfg, base, prefix=""):
     return "_".join(parts)
 
 
+def field_default(cls, name):
+    f = next(f for f in fields(cls) if f.name == name)
+    return f.default if f.default_factory is MISSING else f.default_factory()
+
+
 def name_base(defaults, cfg):
     """What a run is named against: the script's defaults under the same --quick and --schedule (so
     their presets stay out of the name), with the default schedule (so a changed one is named)."""
     base = make_config(defaults, {"quick": cfg.quick, "schedule": cfg.schedule})
-    base.schedule = make_config(defaults, {}).schedule
+    base.schedule = defaults.get("schedule", field_default(Config, "schedule"))
     return base
 
 

@@ -266,27 +266,6 @@ class StudyFailed(Exception):
 
 
 # ------------------------------------------------------------------------------------- the evidence study
-"""Evidence study: does TRAIN raise natural accuracy over its base method by more than seed noise?
-
-Scale "cpu" (chosen by measuring, 2026-12-01, AMD EPYC, one thread per run, batch 128, PGD-3):
-  M' = M = cnn6 (six 3x3 convs, widths 16/32/64, ~0.1M parameters): 201 images/s for AT and 109 for
-  TRADES + TRAIN, against 124 / 94 for cnn_small (three convs) and 61 / 34 for the same net at widths
-  32/64/128. Six convolutions instead of three make standard training clearly beat AT on natural accuracy
-  (the 'Standard' reference row checks this). The first 8,000 training images of the shared CIFAR-10
-  copy (official order, about class-balanced), 8 epochs with lr x0.1 at epochs 6 and 7 (75%/90% of the
-  schedule, as in the paper), PGD-3 with step 0.01 (3 x 0.01 ~ eps = 0.031), lambda 5 (the paper's
-  CIFAR-10 value), 3 seeds. Evaluation of last.pt (no checkpoint picked on test data) on the first
-  1,000 test images: natural, PGD-20, CW-20, AutoAttack APGD-CE + APGD-DLR (the standard version's
-  APGD-T, FAB-T and Square would multiply the evaluation time by ~4 at this budget), kNN@30 with the
-  first 1,000 training images as support, test L_TP, M's natural accuracy. About 12-14 minutes of one
-  core per run; the study's 15 runs fit ~3 hours of a 2-core machine, run as two processes with
-  --configs (README).
-Scale "gpu": PreAct-ResNet-18 M' / ResNet-18 M on full CIFAR-10, PGD-10, 30 epochs (lr x0.1 at 23, 27),
-  standard AutoAttack on 1,000 images; every run resumes, so --max-minutes splits it into GPU jobs.
-Both scales evaluate last.pt, so they hold out no validation split (val_n=0). The cpu scale keeps the first
-  release's training-attack start (baselines="release1": TRADES' start clamped to [0,1]), with which its runs
-  were started, so that finished and unfinished runs stay one study.
-"""
 EVIDENCE_CONFIGS = [("standard", "Standard", {"method": "standard"}),
                     ("at", "AT", {"method": "at"}),
                     ("at_train", "AT + TRAIN", {"method": "at", "train": True}),
@@ -424,7 +403,30 @@ def plot_learning_curves(curves, path):
 
 
 def evidence_study(scale, configs, seeds, passthrough, dry_run, log):
-    """Train and evaluate every run of the evidence study; write evidence_<scale>.md and its curves PNG."""
+    """Train and evaluate every run of the evidence study; write evidence_<scale>.md and its curves PNG.
+
+    The question: does TRAIN raise natural accuracy over its base method by more than seed noise?
+
+    Scale "cpu" (chosen by measuring, 2026-12-01, AMD EPYC, one thread per run, batch 128, PGD-3):
+      M' = M = cnn6 (six 3x3 convs, widths 16/32/64, ~0.1M parameters): 201 images/s for AT and 109 for
+      TRADES + TRAIN, against 124 / 94 for cnn_small (three convs) and 61 / 34 for the same net at widths
+      32/64/128. Six convolutions instead of three make standard training clearly beat AT on natural accuracy
+      (the 'Standard' reference row checks this). The first 8,000 training images of the shared CIFAR-10
+      copy (official order, about class-balanced), 8 epochs with lr x0.1 at epochs 6 and 7 (75%/90% of the
+      schedule, as in the paper), PGD-3 with step 0.01 (3 x 0.01 ~ eps = 0.031), lambda 5 (the paper's
+      CIFAR-10 value), 3 seeds. Evaluation of last.pt (no checkpoint picked on test data) on the first
+      1,000 test images: natural, PGD-20, CW-20, AutoAttack APGD-CE + APGD-DLR (the standard version's
+      APGD-T, FAB-T and Square would multiply the evaluation time by ~4 at this budget), kNN@30 with the
+      first 1,000 training images as support, test L_TP, M's natural accuracy. About 12-14 minutes of one
+      core per run; the study's 15 runs fit ~3 hours of a 2-core machine, run as two processes with
+      --configs (README). The four variants of AT + TRAIN (lambda 20a and 1, --tp-input nat, --tp-reduction
+      mean) run on seed 1 only (EVIDENCE_VARIANT_SEEDS): they show what else was tried, not a tuned result.
+    Scale "gpu": PreAct-ResNet-18 M' / ResNet-18 M on full CIFAR-10, PGD-10, 30 epochs (lr x0.1 at 23, 27),
+      standard AutoAttack on 1,000 images; every run resumes, so --max-minutes splits it into GPU jobs.
+    Both scales evaluate last.pt, so they hold out no validation split (val_n=0). The cpu scale keeps the first
+      release's training-attack start (baselines="release1": TRADES' start clamped to [0,1]), with which its runs
+      were started, so that finished and unfinished runs stay one study.
+    """
     if dry_run:
         for sc in EVIDENCE_SCALES:
             study = Study(passthrough, defaults={**DEFAULTS, **EVIDENCE_SCALES[sc]["train"]}, root_name=f"evidence_{sc}")

@@ -159,3 +159,23 @@ def test_eval_json_schema_and_table(tiny_npz, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         common.main(DEFAULTS, ["--table", str(tmp_path / "nothing")], prefix="test")
     assert e.value.code == 2
+
+
+def test_progress_lines_when_not_a_terminal(monkeypatch, capsys):
+    """A batch job's log gets 'desc: i/total' lines (every PROGRESS_EVERY s; here every batch); a terminal gets
+    tqdm's bar and no such lines."""
+    monkeypatch.setattr(common, "PROGRESS_EVERY", 0.0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(12, 3))
+    model.feature_dim = 12
+    x, y = torch.rand(10, 3, 2, 2), torch.randint(0, 3, (10,))
+    monkeypatch.setattr(common.sys.stderr, "isatty", lambda: False, raising=False)
+    out = common.attack_all(model, x, y, lambda m, xb, yb: xb.flip(0), batch_size=4, desc="PGD-20")
+    assert torch.equal(out[:4], x[:4].flip(0)) and torch.equal(out[8:], x[8:].flip(0))
+    lines = capsys.readouterr().out.splitlines()
+    assert [l.split(" (")[0] for l in lines] == [f"PGD-20: {i}/3 batches done" for i in range(3)]
+    tick = common.Ticker("AutoAttack")
+    common._ListHandler(tick).handler.emit(__import__("logging").makeLogRecord({"msg": "apgd-ce 1/2"}))
+    assert capsys.readouterr().out.startswith("AutoAttack: apgd-ce 1/2 (")
+    monkeypatch.setattr(common.sys.stderr, "isatty", lambda: True, raising=False)
+    common.attack_all(model, x, y, lambda m, xb, yb: xb, batch_size=4, desc="PGD-20")
+    assert "batches done" not in capsys.readouterr().out
