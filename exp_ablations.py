@@ -446,11 +446,12 @@ def evidence_study(scale, configs, seeds, passthrough, dry_run, log):
         if "failed" in r:
             continue
         results.setdefault(key, {})[seed] = r
-        curves.setdefault(label, []).append(read_metrics(study.dir_of(settings)))
+        if key not in EVIDENCE_VARIANTS:  # the figure shows the main configurations only, to stay readable
+            curves.setdefault(label, []).append(read_metrics(study.dir_of(settings)))
     table = evidence_tables(results)
     with open(os.path.join(study.root, f"evidence_{scale}.md"), "w") as fh:
         fh.write(table + "\n")
-    png = plot_learning_curves(curves, os.path.join(study.root, f"evidence_{scale}_curves.png"))
+    png = curves and plot_learning_curves(curves, os.path.join(study.root, f"evidence_{scale}_curves.png"))
     log(table)
     log(f"table: {os.path.join(study.root, f'evidence_{scale}.md')}; curves: {png}")
     return table
