@@ -11,6 +11,7 @@ Sections, in the order data flows (search for the banner "# N. name"):
   6. evaluation  evaluate (natural, PGD-20, CW-20, AutoAttack, kNN topology score, test L_TP), sanity_checks
   7. run I/O     build_parser (the CLI shared by every script), run folders (run_lock), run, evaluate_run, main
 Experiment scripts (exp_*.py) hold the paper's settings and call `main(defaults)`.
+Multi-GPU (--ddp under torchrun) lives in distributed.py; common.py calls it at a few marked points.
 Inputs are in [0, 1] everywhere; no normalisation happens outside the models.
 """
 import argparse

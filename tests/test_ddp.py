@@ -250,6 +250,13 @@ def run_worker(rank, npz, root, ports):
     if rank == 0:  # a copy of the interrupted run for the test to resume in one process
         shutil.copytree(os.path.join(root, "cut"), os.path.join(root, "cut_copy"))
     codes["resumed"] = main_code(argv("cut", "--resume"), ports[2])
+
+    def poisoned_step(*a, **kw):  # a NaN loss on rank 1 alone: both ranks must stop (exit 1), none hang
+        terms = real_step(*a, **kw)
+        return {k: v * float("nan") for k, v in terms.items()} if rank == 1 else terms
+    common.train_step = poisoned_step
+    codes["nan"] = main_code(argv("nan"), ports[3])
+    common.train_step = real_step
     with open(os.path.join(root, f"codes{rank}.json"), "w") as fh:
         json.dump(codes, fh)
 
@@ -262,10 +269,12 @@ def rows(run_dir):
 def test_a_two_rank_run_writes_one_folder_resumes_exactly_and_loads_in_one_process(tiny_npz, tmp_path, capsys):
     root = tmp_path / "runs"
     root.mkdir()
-    spawn(run_worker, tiny_npz, str(root), free_ports(3))
+    spawn(run_worker, tiny_npz, str(root), free_ports(4))
     codes = [json.load(open(root / f"codes{r}.json")) for r in (0, 1)]
-    assert codes[0] == codes[1] == {"full": 0, "cut": 130, "resumed": 0}  # both ranks stopped at the same step
-    assert sorted(os.listdir(root)) == ["codes0.json", "codes1.json", "cut", "cut_copy", "full"]  # nothing else
+    assert codes[0] == codes[1] == {"full": 0, "cut": 130, "resumed": 0, "nan": 1}  # the ranks stopped together
+    assert sorted(os.listdir(root)) == ["codes0.json", "codes1.json", "cut", "cut_copy", "full", "nan"]  # nothing else
+    assert not os.path.exists(root / "nan" / "last.pt")  # NaN in epoch 1: no checkpoint
+    assert open(root / "nan" / "log.txt").read().count("diverged: non-finite loss in epoch 1") == 1
     files = {"config.json", "metrics.jsonl", "log.txt", "last.pt", "best.pt"}
     assert set(os.listdir(root / "full")) == files  # rank 0's files only, lock released
     log = open(root / "full" / "log.txt").read()
