@@ -33,6 +33,8 @@ waiting at a barrier). Checkpoints hold the bare modules' state_dicts: they load
 """
 import contextlib
 import os
+import pickle
+import sys
 
 import numpy as np
 import torch
@@ -138,7 +140,11 @@ def main_decides(fn):
         try:
             box[0] = ("ok", fn())
         except Exception as e:
-            box[0] = ("raise", e)
+            try:
+                pickle.dumps(e)
+                box[0] = ("raise", e)
+            except Exception:  # an exception that cannot travel: the other ranks get its text
+                box[0] = ("raise", RuntimeError(f"rank 0: {type(e).__name__}: {e}"))
             dist.broadcast_object_list(box, src=0, group=_control)
             raise
     dist.broadcast_object_list(box, src=0, group=_control)
@@ -160,7 +166,6 @@ def bar_disable():
 def stderr(text):
     """Messages main() prints; rank 0 alone speaks (every rank raised the same error)."""
     if is_main():
-        import sys
         sys.stderr.write(text)
 
 
