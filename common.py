@@ -11,6 +11,7 @@ Sections, in the order data flows (search for the banner "# N. name"):
   6. evaluation  evaluate (natural, PGD-20, CW-20, AutoAttack, kNN topology score, test L_TP), sanity_checks
   7. run I/O     build_parser (the CLI shared by every script), run folders (run_lock), run, evaluate_run, main
 Experiment scripts (exp_*.py) hold the paper's settings and call `main(defaults)`.
+Multi-GPU (--ddp under torchrun) lives in distributed.py; common.py calls it at a few marked points.
 Inputs are in [0, 1] everywhere; no normalisation happens outside the models.
 """
 import argparse
@@ -35,6 +36,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
+import distributed
 from kernels import topology_loss
 
 
@@ -712,7 +714,9 @@ LOW_PRECISION = (torch.float16, torch.bfloat16)  # autocast outputs; losses see 
 
 class StepState:
     """What one training step knows; forward passes are computed once and shared by all terms.
-    M (model_std) runs without gradients when it is not trained (a frozen pre-trained M)."""
+    M (model_std) runs without gradients when it is not trained (a frozen pre-trained M).
+    gather: None, or (--ddp --tp-scope global) distributed.gather_rows, which relation_inputs applies."""
+    gather = None
 
     def __init__(self, model_adv, x, y, x_adv, model_std=None, std_trainable=True, heads=None, amp=contextlib.nullcontext):
         self.model_adv, self.model_std, self.x, self.y, self.x_adv = model_adv, model_std, x, y, x_adv
@@ -850,6 +854,8 @@ def relation_inputs(s, cfg):
     """(f of M on x, detached; f' of M' on x' (--tp-input adv) or on x (nat))."""
     f_std = s.std_out()[0].detach()
     f_adv = (s.adv_out() if cfg.tp_input == "adv" else s.nat_out())[0]
+    if s.gather is not None:  # --ddp: the relation over the global batch (distributed.py)
+        f_std, f_adv = s.gather(f_std), s.gather(f_adv)
     return f_std, f_adv
 
 
@@ -1085,12 +1091,14 @@ def needs_std_model(cfg):
 class Models:
     """The networks of one run. adv = M'; std = M (when a term uses it); heads = a relation loss's
     trainable heads; awp = the AWP plug-in (its proxy copy of M' is never saved). std_frozen: M is a
-    fixed pre-trained model (TRAIN* of Table X): no optimiser, eval mode, no gradient."""
+    fixed pre-trained model (TRAIN* of Table X): no optimiser, eval mode, no gradient. ddp: under --ddp,
+    {name: DistributedDataParallel} of the trained models, for train_step's loss forwards (distributed.wrap)."""
     adv: nn.Module
     std: nn.Module = None
     heads: nn.Module = None
     awp: AWP = None
     std_frozen: bool = False
+    ddp: dict = None
 
     def saved(self):
         """{name: module} of what a checkpoint holds (names as in checkpoints since the first release)."""
@@ -1152,7 +1160,10 @@ def train_step(models, opts, x, y, cfg, epoch, scaler=None):
         x_adv = method.attack(models.adv, x, y, cfg)
     if models.awp is not None:
         models.awp.perturb(models.adv, method, x, y, x_adv, cfg, epoch)
-    s = StepState(models.adv, x, y, x_adv, models.std, std_trainable=not models.std_frozen, heads=models.heads, amp=amp)
+    net = models.ddp or {}  # --ddp: the loss forwards go through DDP (the attack above uses the bare M')
+    s = StepState(net.get("adv", models.adv), x, y, x_adv, net.get("std", models.std),
+                  std_trainable=not models.std_frozen, heads=models.heads, amp=amp)
+    s.gather = distributed.relation_gather(cfg)
     terms = method.loss(s, cfg)
     for name in active_plugins(cfg):
         terms.update(PLUGINS[name](s, cfg, epoch))
@@ -1173,11 +1184,14 @@ def train_step(models, opts, x, y, cfg, epoch, scaler=None):
 
 def check_finite(sums, epoch):
     """Diverged if a loss term was NaN/inf in any step summed so far (NaN and inf survive summing);
-    one read of the device, done every CHECK_EVERY steps and before every checkpoint."""
+    one read of the device, done every CHECK_EVERY steps and before every checkpoint. Returns the sums
+    (--ddp: their mean over the ranks, which every rank checks, so all ranks raise together)."""
+    sums = distributed.mean_over_ranks(sums)
     values = torch.stack([v for v in sums.values()])
     if not bool(torch.isfinite(values).all()):
         bad = [k for k, v in sums.items() if not torch.isfinite(v)]
         raise Diverged(f"non-finite loss in epoch {epoch} (terms {bad}); lower --lr or --lam")
+    return sums
 
 
 CHECK_EVERY = 20  # steps between two reads of the loss sums (each read waits for the device)
@@ -1260,7 +1274,7 @@ def save_checkpoint(path, models, opts, progress, cfg, scaler=None):
     """Atomic: write a temp file next to the target, then os.replace."""
     state = {"models": {k: m.state_dict() for k, m in models.saved().items()},
              "optimizers": {k: o.state_dict() for k, o in opts.items()},
-             "progress": progress, "rng": rng_states(), "config": cfg.to_dict()}
+             "progress": progress, "rng": rng_states(), "config": cfg.to_dict(), "world_size": distributed.world_size()}
     if scaler is not None:
         state["scaler"] = scaler.state_dict()
     tmp = f"{path}.tmp{os.getpid()}"
@@ -1333,8 +1347,9 @@ def diverged_note(run_dir, last):
         yield
     except Diverged as e:
         kept = f"the last good checkpoint is {last}" if os.path.isfile(last) else "no checkpoint was written yet"
-        with open(os.path.join(run_dir, "log.txt"), "a") as fh:
-            fh.write(f"diverged: {e}; {kept}\n")
+        if distributed.is_main():
+            with open(os.path.join(run_dir, "log.txt"), "a") as fh:
+                fh.write(f"diverged: {e}; {kept}\n")
         raise Diverged(f"{e}; {kept}") from None
 
 
@@ -1402,6 +1417,9 @@ def train(cfg, run_dir, data, resume=False, log=print, on_start=None):
             scaler.load_state_dict(ck["scaler"])
         progress = ck["progress"]
         set_rng_states(ck["rng"])
+        if cfg.train and cfg.tp_scope == "local" and ck.get("world_size", 1) != distributed.world_size():
+            raise UserError(f"--tp-scope local builds L_TP per process: resume {last} with the {ck.get('world_size', 1)} "
+                            f"processes it was trained with, not {distributed.world_size()}")
         log(f"resumed from {last}: epoch {progress['epoch']} done, {progress['step']} steps into the next")
     n_batches = len(data.x_train) // cfg.batch_size  # drop the last incomplete batch (L_TP needs N >= 2)
     if n_batches == 0:
@@ -1409,13 +1427,19 @@ def train(cfg, run_dir, data, resume=False, log=print, on_start=None):
     if on_start:
         on_start()
     accelerate(models, cfg)
-    save = lambda path, progress: save_checkpoint(path, models, opts, progress, cfg, scaler)
+    distributed.wrap(models, cfg)
+
+    def save(path, progress):  # --ddp: rank 0 alone writes the run folder
+        if distributed.is_main():
+            save_checkpoint(path, models, opts, progress, cfg, scaler)
     log(f"{cfg.method}{''.join(' +' + p for p in active_plugins(cfg))}: M'={cfg.arch}"
         + (f", M={std_arch_of(cfg)}" if models.std is not None else "") + f", {len(data.x_train)} train / "
         f"{len(data.x_test)} test images, {data.num_classes} classes, eps {cfg.eps:.4f}, device {device}")
+    if models.ddp is not None:
+        log(distributed.describe(cfg))
     with StopFlag():
         for epoch in tqdm(range(progress["epoch"] + 1, cfg.epochs + 1), desc="epochs", initial=progress["epoch"],
-                          total=cfg.epochs, disable=None):
+                          total=cfg.epochs, disable=distributed.bar_disable()):
             t0 = time.time() - progress["sums"].get("_seconds", 0.0)
             lr = lr_at(cfg, epoch)
             for o in opts.values():
@@ -1426,26 +1450,28 @@ def train(cfg, run_dir, data, resume=False, log=print, on_start=None):
             perm, offsets, flips = (t.to(device) for t in epoch_plan(len(data.x_train), cfg.seed, epoch))
             sums = {k: torch.tensor(v, dtype=torch.float64, device=device)
                     for k, v in progress["sums"].items() if k != "_seconds"}
-            bar = tqdm(range(progress["step"], n_batches), desc=f"epoch {epoch}", leave=False, disable=None)
+            bar = tqdm(range(progress["step"], n_batches), desc=f"epoch {epoch}", leave=False,
+                       disable=distributed.bar_disable())
             with diverged_note(run_dir, last):
                 for b in bar:
-                    idx = perm[b * cfg.batch_size:(b + 1) * cfg.batch_size]
+                    idx = distributed.shard(perm[b * cfg.batch_size:(b + 1) * cfg.batch_size])  # --ddp: 1/G of it
+                    distributed.seed_step(cfg, epoch, b)
                     x = augment(data.x_train[idx], offsets[idx], flips[idx])
                     if cfg.channels_last:
                         x = x.contiguous(memory_format=torch.channels_last)
                     terms = train_step(models, opts, x, data.y_train[idx], cfg, epoch, scaler)
+                    distributed.sync_buffers(models, cfg)
                     for k, v in terms.items():
                         sums[k] = sums[k] + v if k in sums else v.double()
                     if (b + 1) % CHECK_EVERY == 0:
                         check_finite(sums, epoch)
-                    if StopFlag.requested and b + 1 < n_batches:
-                        check_finite(sums, epoch)
-                        saved = {k: v.item() for k, v in sums.items()}
+                    if distributed.any_rank(StopFlag.requested) and b + 1 < n_batches:
+                        saved = {k: v.item() for k, v in check_finite(sums, epoch).items()}
                         save(last, {**progress, "epoch": epoch - 1, "step": b + 1,
                                     "sums": {**saved, "_seconds": time.time() - t0}})
                         raise Interrupted(f"interrupted: saved {last} (epoch {epoch}, step {b + 1}/{n_batches}); "
                                           "continue with --resume", StopFlag.exit_code())
-                check_finite(sums, epoch)
+                sums = check_finite(sums, epoch)
             a, lam = cfg.lam.at(epoch, cfg.epochs)
             row = {"epoch": epoch, "lr": lr, "a": a, "lambda": lam if cfg.train else 0.0}
             row.update({f"loss/{k}": v.item() / n_batches for k, v in sums.items()})
@@ -1456,13 +1482,14 @@ def train(cfg, run_dir, data, resume=False, log=print, on_start=None):
             metric = row[selection_metric(cfg)]
             is_best = metric > progress["best"]
             progress = {"epoch": epoch, "step": 0, "sums": {}, "best": max(metric, progress["best"])}
-            with open(os.path.join(run_dir, "metrics.jsonl"), "a") as fh:
-                fh.write(json.dumps(row) + "\n")
+            if distributed.is_main():
+                with open(os.path.join(run_dir, "metrics.jsonl"), "a") as fh:
+                    fh.write(json.dumps(row) + "\n")
             save(last, progress)
             if is_best:  # says what it was picked on (eval.json and --table report it)
                 save(best, {**progress, "selected_on": "val" if cfg.val_n else "test"})
             log(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
-            if StopFlag.requested and epoch < cfg.epochs:
+            if distributed.any_rank(StopFlag.requested) and epoch < cfg.epochs:
                 raise Interrupted(f"interrupted after epoch {epoch}: {last} saved; continue with --resume",
                                   StopFlag.exit_code())
     return models
@@ -2163,6 +2190,15 @@ class Config:
     fast: bool = setting(False, "the fast path: --amp bf16 --channels-last --compile --cudnn-benchmark "
                          "(GPU runs; not yet measured on a GPU, see README)", PLACE)
     device: str = setting(default_device(), "training device", PLACE)
+    # Multi-GPU (distributed.py). ddp and sync_bn say how the global batch is spread over processes, not
+    # what is trained: PLACE, so a run may resume on another number of GPUs. tp_scope local changes L_TP
+    # itself (per-process graphs) and is named; global, the default, is the single-process loss.
+    ddp: bool = setting(False, "multi-GPU under torchrun: torchrun --nproc_per_node G <script> ... --ddp; --batch-size "
+                        "stays the global batch, each process takes 1/G of it (README: Fast path and multi-GPU)", PLACE)
+    tp_scope: str = setting("global", "--ddp: L_TP over the global batch (global: features gathered from every process) "
+                            "or over each process's shard (local: a coarser graph, ~G times smaller with sum reduction)",
+                            choices=["global", "local"])
+    sync_bn: bool = setting(False, "--ddp: SyncBatchNorm, batch statistics over the global batch (CUDA only)", PLACE)
     quick: bool = setting(False, "minutes-long CPU smoke run: cnn_small, subsets, few epochs and steps", in_name=False)
 
     def to_dict(self):
@@ -2312,6 +2348,8 @@ def validate(cfg):
         raise UserError("give --dataset or --data-file")
     if cfg.freeze_std and not cfg.std_ckpt:
         raise UserError("--freeze-std needs --std-ckpt (a frozen random M would teach nothing)")
+    if distributed.setting_problem(cfg):
+        raise UserError(distributed.setting_problem(cfg))
     check_lowest(cfg)
 
 
@@ -2451,6 +2489,8 @@ def resume_config(run_dir, given):
     """On --resume the run's own settings stand; flags given may only say where it runs (PLACE) or
     repeat the run's values: a flag that would change the run is refused."""
     cfg = load_run_config(run_dir)
+    for k in distributed.LAUNCH_SETTINGS:  # --ddp, --sync-bn: how this resume is launched, off unless given
+        setattr(cfg, k, False)
     kinds = {f.name: f.metadata["kind"] for f in fields(Config)}
     for k, v in given.items():
         if kinds.get(k) == PLACE:
@@ -2633,16 +2673,22 @@ def run(cfg, run_dir, resume=False, overwrite=False, command=""):
     (run_lock); its files appear only once the settings, the folder, the data, the models and the batch
     size have been checked, so a start that fails leaves nothing. Raises UserError, Diverged, Interrupted."""
     validate(cfg)
-    with run_lock(run_dir):
-        check_run_dir(run_dir, resume, overwrite)
-        if resume and already_finished(run_dir, cfg):
+    with distributed.process_group(cfg), contextlib.ExitStack() as held:  # --ddp: torchrun's processes
+
+        def claim():  # --ddp: rank 0 alone locks and checks the folder; every rank gets its answer or error
+            held.enter_context(run_lock(run_dir))
+            check_run_dir(run_dir, resume, overwrite)
+            if resume and already_finished(run_dir, cfg):
+                return True
+            check_writable(run_dir)
+            return False
+        if distributed.main_decides(claim):
             return run_dir
-        check_writable(run_dir)
         data = load_data(cfg, torch.device(cfg.device))  # bad data -> error before anything is written
         data = hold_out_validation(data, cfg.val_n)
-        log = make_logger(run_dir)
+        log = make_logger(run_dir) if distributed.is_main() else distributed.quiet
         train(cfg, run_dir, data, resume=resume, log=log,
-              on_start=lambda: start_run_dir(run_dir, cfg, resume, command, log))
+              on_start=lambda: distributed.is_main() and start_run_dir(run_dir, cfg, resume, command, log))
     return run_dir
 
 
@@ -2697,15 +2743,16 @@ def main(defaults, argv=None, prefix=None):
             cfg = resume_config(run_dir, given)
         run(cfg, run_dir, resume=given.get("resume", False), overwrite=given.get("overwrite", False),
             command=" ".join([script] + argv))
-        print(f"done: results in {run_dir}; evaluate with: python {script} --eval "
-              f"{os.path.join(run_dir, checkpoint_to_evaluate(cfg))}")
+        if distributed.is_main():
+            print(f"done: results in {run_dir}; evaluate with: python {script} --eval "
+                  f"{os.path.join(run_dir, checkpoint_to_evaluate(cfg))}")
         return run_dir
-    except UserError as e:
-        sys.stderr.write(f"error: {e}\n")
+    except UserError as e:  # --ddp: every rank raised it; rank 0 prints (distributed.stderr)
+        distributed.stderr(f"error: {e}\n")
         sys.exit(2)
     except (Diverged, SanityError) as e:
-        sys.stderr.write(f"error: {e}\n")
+        distributed.stderr(f"error: {e}\n")
         sys.exit(1)
     except Interrupted as e:
-        sys.stderr.write(f"{e}\n")
+        distributed.stderr(f"{e}\n")
         sys.exit(e.code)

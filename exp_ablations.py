@@ -18,6 +18,7 @@ import time
 import torch
 
 import common
+import distributed
 
 DEFAULTS = dict(dataset="cifar100", method="trades", lam="20a", arch="wrn34_10")  # M: resnet18 (LBGAT: resnet18_lbgat)
 # --quick: smoke scale, minutes on a CPU (common's --quick preset, then these); 2 epochs leave nothing to select
@@ -460,10 +461,21 @@ def evidence_study(scale, configs, seeds, passthrough, dry_run, log):
 # ------------------------------------------------------------------------------------- the time study
 def time_study(quick, passthrough, steps, warmup, log):
     """Median seconds per training step (after warm-up) of each configuration, extrapolated to an epoch
-    of 50,000 images; TRAIN's overhead relative to its base method."""
+    of 50,000 images; TRAIN's overhead relative to its base method. Under torchrun with --ddp: the step
+    of G processes on the global batch (rank 0 times and reports; the gradient all-reduce keeps the
+    ranks in step)."""
     cfg = Study(passthrough + ["--dataset", "cifar100"], quick).base
+    if distributed.setting_problem(cfg):
+        raise common.UserError(distributed.setting_problem(cfg))
+    with distributed.process_group(cfg):
+        return time_steps(cfg, steps, warmup, log if distributed.is_main() else distributed.quiet)
+
+
+def time_steps(cfg, steps, warmup, log):
     device = torch.device(cfg.device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
+    if cfg.ddp:
+        name += f" x {distributed.world_size()} processes (DDP, {torch.distributed.get_backend()})"
     torch.manual_seed(0)
     x = torch.rand(cfg.batch_size, 3, 32, 32, device=device)
     y = torch.randint(0, 100, (cfg.batch_size,), device=device)
@@ -472,7 +484,9 @@ def time_study(quick, passthrough, steps, warmup, log):
     for label, method, plugins in TIME_CONFIGS:
         c = dataclasses.replace(cfg, method=method, train="train" in plugins, lbgat="lbgat" in plugins)
         models = common.accelerate(common.build_models(c, 100, device), c)  # --fast / --amp / ... as in training
+        distributed.wrap(models, c)
         runs[label] = (c, models, common.build_optimizers(models, c))
+    x, y = distributed.shard(x), distributed.shard(y)  # --ddp: this process's part of the global batch
     if cfg.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     scaler = torch.amp.GradScaler(device.type) if cfg.amp == "fp16" else None
@@ -485,6 +499,7 @@ def time_study(quick, passthrough, steps, warmup, log):
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
             common.train_step(models, opts, x, y, c, epoch=1, scaler=scaler)
+            distributed.sync_buffers(models, c)
             if device.type == "cuda":
                 torch.cuda.synchronize()
             if i >= warmup:
@@ -552,7 +567,8 @@ def main(argv=None):
             log(f"time study: {len(TIME_CONFIGS)} configurations x ({warmup} warm-up + {steps} timed) steps")
             return None
         table = time_study(args.quick, passthrough, steps, warmup, log)
-        log(table)
+        if distributed.is_main():  # --ddp under torchrun: rank 0 reports
+            log(table)
         return table
     return ablation_study(args.study, args.quick, passthrough, args.dry_run, log)
 

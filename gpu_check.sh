@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # GPU check in one command, for a machine with an NVIDIA GPU (under 8 minutes with the defaults):
-#     bash gpu_check.sh [tests] [bench] [study]        # default: all three, in this order
+#     bash gpu_check.sh [tests] [bench] [study] [ddp]  # default: tests bench study, in this order
 #   tests  pytest tests/test_kernels.py, compiled kernels (no interpreter)
 #   bench  python -m kernels.bench (eager / torch.compile / fused ieee / fused tf32)
 #   study  the training time study, fast path off, then the same with --fast
+#   ddp    (only when asked) the quick time study under torchrun --ddp --sync-bn on every visible GPU
+#          (NCCL; with one GPU a 1-process smoke test of the path, not a multi-GPU measurement)
 # Writes $OUT/gpu_report.md (GPU, date, versions, every step's command, exit status, time and
 # output) plus each step's full output ($OUT defaults to a fresh temp dir, printed first).
 # A failing or timed-out step is recorded and the next one still runs; each step runs under
@@ -16,7 +18,7 @@ set -uo pipefail
 STEPS=("$@")
 [ ${#STEPS[@]} -eq 0 ] && STEPS=(tests bench study)
 for s in "${STEPS[@]}"; do
-    case "$s" in tests|bench|study) ;; *) echo "usage: $0 [tests] [bench] [study]" >&2; exit 2 ;; esac
+    case "$s" in tests|bench|study|ddp) ;; *) echo "usage: $0 [tests] [bench] [study] [ddp]" >&2; exit 2 ;; esac
 done
 cd "$(dirname "$0")" || exit 2
 OUT="${OUT:-$(mktemp -d -t gpu_check.XXXXXX)}"
@@ -122,6 +124,10 @@ for s in "${STEPS[@]}"; do
                    "$PY" "${STUDY[@]}"
                run_step "Time study, --fast" study_fast.txt "${STUDY_TIMEOUT:-70}" \
                    "$PY" "${STUDY[@]}" --fast ;;
+        ddp) G=$("$PY" -c "import torch; print(torch.cuda.device_count())")
+             run_step "Time study, torchrun --ddp on $G GPU(s)" ddp.txt "${DDP_TIMEOUT:-120}" \
+                 "$PY" -m torch.distributed.run --standalone --nproc_per_node "$G" exp_ablations.py --study time \
+                 --quick --ddp --sync-bn --device cuda --steps-only 5 --warmup 2 ;;
     esac
 done
 
