@@ -1327,17 +1327,19 @@ def checkpoint_progress(path):
 
 
 def load_std_checkpoint(models, cfg, device):
-    """--std-ckpt: M from a finished run; a `--method standard` run's trained model is its "adv" slot."""
+    """--std-ckpt: M from a finished run (a `--method standard` run's trained model is its "adv" slot) or
+    from a bare state_dict (e.g. a public standard model of --std-arch)."""
     if models.std is None:
         raise UserError("--std-ckpt needs a standard model: add --train or --lbgat")
     ck = load_checkpoint(cfg.std_ckpt, device)
-    key = "adv" if ck["config"].get("method") == "standard" else "std"
-    if key not in ck["models"]:
-        raise UserError(f"--std-ckpt {cfg.std_ckpt} holds no standard model")
-    try:
-        load_model_state(models.std, ck["models"][key])
-    except RuntimeError as e:
-        raise UserError(f"--std-ckpt {cfg.std_ckpt} does not fit --std-arch {std_arch_of(cfg)}: {str(e).splitlines()[0]}")
+    if check_known_checkpoint(ck, cfg.std_ckpt) == "state_dict":
+        state = bare_state_dict(ck)
+    else:
+        state = ck["models"].get("adv" if ck["config"].get("method") == "standard" else "std")
+        if state is None:
+            raise UserError(f"--std-ckpt {cfg.std_ckpt} holds no standard model")
+    classes = getattr(getattr(models.std, "fc", None), "out_features", None)  # the data set's class count
+    fit_weights(models.std, state, f"--std-ckpt {cfg.std_ckpt}", f"--std-arch {std_arch_of(cfg)}", classes)
 
 
 @contextlib.contextmanager

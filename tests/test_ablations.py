@@ -94,6 +94,17 @@ def test_standard_method_and_frozen_pretrained_std(tiny_npz, tmp_path):
     with pytest.raises(SystemExit) as e:  # --freeze-std without --std-ckpt
         common.main(DEFAULTS, tiny_args(tiny_npz, tmp_path / "bad", "--train", "--freeze-std"), prefix="t")
     assert e.value.code == 2
+    bare = tmp_path / "public_std.pt"  # a bare state_dict (a public standard model) works as --std-ckpt too
+    torch.save({"state_dict": {f"module.{k}": v for k, v in std_ck["models"]["adv"].items()}}, bare)
+    common.main(DEFAULTS, tiny_args(tiny_npz, tmp_path / "star2", "--method", "at", "--train", "--std-ckpt", str(bare),
+                                    "--freeze-std", "--epochs", "1"), prefix="t")
+    ck2 = torch.load(tmp_path / "star2" / "last.pt", weights_only=False)
+    assert all(torch.equal(v, ck2["models"]["std"][k]) for k, v in std_ck["models"]["adv"].items())
+    torch.save([1, 2], tmp_path / "list.pt")
+    with pytest.raises(SystemExit) as e:
+        common.main(DEFAULTS, tiny_args(tiny_npz, tmp_path / "bad2", "--method", "at", "--train", "--std-ckpt",
+                                        str(tmp_path / "list.pt"), "--freeze-std"), prefix="t")
+    assert e.value.code == 2 and not (tmp_path / "bad2").exists()
 
 
 TINY_STUDY = {**ab.STUDY_QUICK, "batch_size": 16, "steps": 1, "eval_steps": 1}
