@@ -2155,7 +2155,8 @@ class Config:
                            choices=["auto", "torch", "triton"])
     crd_temp: float = setting(0.1, "temperature of --relation crd", type=float)
     mca_temp: float = setting(0.1, "temperature of --relation mca", type=float)
-    std_ckpt: str = setting("", "load M from a finished run's checkpoint (e.g. a --method standard run)")
+    std_ckpt: str = setting("", "load M from a finished run's checkpoint (e.g. a --method standard run) or a bare "
+                            "state_dict of --std-arch (e.g. a public standard model)")
     freeze_std: bool = setting(False, "keep M fixed (TRAIN* of Table X): no optimiser, eval mode")
     awp: bool = setting(False, "add adversarial weight perturbation (Wu et al. 2020) to M'")
     awp_gamma: float = setting(None, "AWP size (unset: 0.005 for trades, 0.01 otherwise)", type=float)
