@@ -2413,16 +2413,11 @@ def run_name(cfg, base, prefix=""):
     return "_".join(parts)
 
 
-def field_default(cls, name):
-    f = next(f for f in fields(cls) if f.name == name)
-    return f.default if f.default_factory is MISSING else f.default_factory()
-
-
 def name_base(defaults, cfg):
     """What a run is named against: the script's defaults under the same --quick and --schedule (so
     their presets stay out of the name), with the default schedule (so a changed one is named)."""
     base = make_config(defaults, {"quick": cfg.quick, "schedule": cfg.schedule})
-    base.schedule = defaults.get("schedule", field_default(Config, "schedule"))
+    base.schedule = defaults.get("schedule", Config.schedule)  # the field's default
     return base
 
 
