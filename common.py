@@ -574,17 +574,18 @@ def load_model_state(model, state):
     model.load_state_dict(state, strict=True)
 
 
-def fit_weights(model, state, what, arch, num_classes):
+def fit_weights(model, state, what, arch):
     """load_model_state for a checkpoint a person chose: weights of another class count or another arch
     are one line (UserError) instead of PyTorch's page-long RuntimeError. arch: how the model was named
-    ("its saved arch X" / "--arch X")."""
+    ("its saved arch X" / "--arch X"). The model is built for the data set, so its last layer's rows are
+    the data set's class count."""
     if not isinstance(state, dict):
         raise UserError(f"{what} holds no weights")
     fc = getattr(getattr(model, "fc", None), "weight", None)  # the last layer: one row per class
     fc_name = next((n for n, p in model.named_parameters() if p is fc), None)
     saved = state.get(fc_name, state.get(f"module.{fc_name}"))
-    if isinstance(saved, torch.Tensor) and saved.ndim == 2 and saved.shape[0] != num_classes:
-        raise UserError(f"{what} was trained on {saved.shape[0]} classes, but the data set has {num_classes}")
+    if isinstance(saved, torch.Tensor) and saved.ndim == 2 and saved.shape[0] != fc.shape[0]:
+        raise UserError(f"{what} was trained on {saved.shape[0]} classes, but the data set has {fc.shape[0]}")
     try:
         load_model_state(model, state)
     except (RuntimeError, AttributeError) as e:
@@ -1270,16 +1271,22 @@ def seed_everything(seed):
     torch.manual_seed(seed)
 
 
+def save_atomic(path, write):
+    """write(tmp) to a temp file next to path, then rename it to path: a killed process leaves the old file or
+    the new one, never half of one (remove_stale_temps tidies a leftover name.tmpPID)."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    write(tmp)
+    os.replace(tmp, path)
+
+
 def save_checkpoint(path, models, opts, progress, cfg, scaler=None):
-    """Atomic: write a temp file next to the target, then os.replace."""
+    """Atomic (save_atomic)."""
     state = {"models": {k: m.state_dict() for k, m in models.saved().items()},
              "optimizers": {k: o.state_dict() for k, o in opts.items()},
              "progress": progress, "rng": rng_states(), "config": cfg.to_dict(), "world_size": distributed.world_size()}
     if scaler is not None:
         state["scaler"] = scaler.state_dict()
-    tmp = f"{path}.tmp{os.getpid()}"
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    save_atomic(path, lambda tmp: torch.save(state, tmp))
 
 
 def load_checkpoint(path, device):
@@ -1338,8 +1345,7 @@ def load_std_checkpoint(models, cfg, device):
         state = ck["models"].get("adv" if ck["config"].get("method") == "standard" else "std")
         if state is None:
             raise UserError(f"--std-ckpt {cfg.std_ckpt} holds no standard model")
-    classes = getattr(getattr(models.std, "fc", None), "out_features", None)  # the data set's class count
-    fit_weights(models.std, state, f"--std-ckpt {cfg.std_ckpt}", f"--std-arch {std_arch_of(cfg)}", classes)
+    fit_weights(models.std, state, f"--std-ckpt {cfg.std_ckpt}", f"--std-arch {std_arch_of(cfg)}")
 
 
 @contextlib.contextmanager
@@ -1779,12 +1785,11 @@ def eval_models(ck, run_cfg, ecfg, num_classes, device, path):
         models = build_models(run_cfg, num_classes, device)
         for k, m in models.saved().items():
             fit_weights(m, ck["models"].get(k), f"checkpoint {path} ({k})",
-                        "its saved arch " + {"adv": run_cfg.arch, "std": std_arch_of(run_cfg)}.get(k, "relation heads"),
-                        num_classes)
+                        "its saved arch " + {"adv": run_cfg.arch, "std": std_arch_of(run_cfg)}.get(k, "relation heads"))
             m.eval()
         return models
     model = build_model(run_cfg.arch, num_classes).to(device)
-    fit_weights(model, bare_state_dict(ck), path, f"--arch {run_cfg.arch}", num_classes)
+    fit_weights(model, bare_state_dict(ck), path, f"--arch {run_cfg.arch}")
     if ecfg.mean is not None:
         model = Normalized(model, ecfg.mean, ecfg.std).to(device)
     return Models(model.eval())
@@ -1809,10 +1814,8 @@ def export_state_dict(ckpt_path, out_path):
     ck = load_checkpoint(ckpt_path, "cpu")
     if check_known_checkpoint(ck, ckpt_path) != "run":
         raise UserError(f"--export: {ckpt_path} is a bare state_dict already")
-    tmp = f"{out_path}.tmp{os.getpid()}"
     try:
-        torch.save(ck["models"]["adv"], tmp)
-        os.replace(tmp, out_path)
+        save_atomic(out_path, lambda tmp: torch.save(ck["models"]["adv"], tmp))
     except (OSError, RuntimeError) as e:  # torch.save reports a missing folder as a RuntimeError
         raise UserError(f"--export: could not write {out_path}: {e}")
     return out_path
@@ -1954,12 +1957,14 @@ def read_json(path):
         raise UserError(f"could not read {path} ({type(e).__name__}: {e}); move it away to write a new one")
 
 
-def write_atomic(path, text):
-    """Temp file + rename: a killed process leaves the old file or the new one, never half of one."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as fh:
+def write_text(path, text):
+    with open(path, "w") as fh:
         fh.write(text)
-    os.replace(tmp, path)
+
+
+def write_atomic(path, text):
+    """A text file, atomically (save_atomic)."""
+    save_atomic(path, lambda tmp: write_text(tmp, text))
 
 
 def write_eval(res, run_dir, log=print):
@@ -2336,23 +2341,20 @@ def make_config(defaults, given):
 
 def validate(cfg):
     """Settings that parse but cannot run: one line, exit 2."""
-    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device {cfg.device} but CUDA is not available; use --device cpu")
+    check_device_and_unit(cfg, ("eps", "step_size", "eval_step_size"))
     for k in ("epochs", "batch_size", "eval_n"):
         if getattr(cfg, k) < 1:
             raise UserError(f"--{k.replace('_', '-')} must be >= 1")
     validate_fidelity(cfg)
     if cfg.batch_size < 2 and cfg.train:
         raise UserError("--batch-size must be >= 2 with --train (L_TP compares samples)")
-    for k in ("eps", "step_size", "eval_step_size"):
-        if not 0 <= getattr(cfg, k) <= 1:
-            raise UserError(f"--{k.replace('_', '-')} must lie in [0, 1] (inputs are in [0, 1])")
     if not cfg.data_file and not cfg.dataset:
         raise UserError("give --dataset or --data-file")
     if cfg.freeze_std and not cfg.std_ckpt:
         raise UserError("--freeze-std needs --std-ckpt (a frozen random M would teach nothing)")
-    if distributed.setting_problem(cfg):
-        raise UserError(distributed.setting_problem(cfg))
+    problem = distributed.setting_problem(cfg)
+    if problem:
+        raise UserError(problem)
     check_lowest(cfg)
 
 
@@ -2376,11 +2378,16 @@ def check_lowest(settings):
 def validate_eval(ecfg):
     """EvalConfig settings that parse but cannot run: one line, exit 2."""
     check_lowest(ecfg)
-    for k in ("eps", "eval_step_size"):
-        if getattr(ecfg, k) is not None and not 0 <= getattr(ecfg, k) <= 1:
+    check_device_and_unit(ecfg, ("eps", "eval_step_size"))
+
+
+def check_device_and_unit(settings, unit_keys):
+    """Of a Config or an EvalConfig: its --device exists here, and each of unit_keys that is set lies in [0, 1]."""
+    if settings.device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {settings.device} but CUDA is not available; use --device cpu")
+    for k in unit_keys:
+        if getattr(settings, k) is not None and not 0 <= getattr(settings, k) <= 1:
             raise UserError(f"--{k.replace('_', '-')} must lie in [0, 1] (inputs are in [0, 1])")
-    if ecfg.device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device {ecfg.device} but CUDA is not available; use --device cpu")
 
 
 def validate_fidelity(cfg):
@@ -2613,7 +2620,7 @@ def check_writable(folder):
 
 
 def remove_stale_temps(run_dir, log):
-    """name.tmpPID files (save_checkpoint, write_atomic) of a process that died while writing: stale,
+    """name.tmpPID files (save_atomic) of a process that died while writing: stale,
     since we hold the folder's lock."""
     for name in sorted(os.listdir(run_dir)):
         base, _, pid = name.rpartition(".tmp")
