@@ -44,6 +44,10 @@ class UserError(Exception):
     """Bad input from a person: main() prints the message on one line and exits with code 2."""
 
 
+class FolderInUse(UserError):
+    """Another process holds the run folder's lock (a study skips such a run and goes on)."""
+
+
 class Diverged(Exception):
     """A NaN/inf loss: the run stops, the last good checkpoint is kept."""
 
@@ -554,6 +558,7 @@ class MobileNetV3(Classifier):
 MODELS = {
     "cnn_small": lambda nc: CNNSmall(nc),
     "cnn6": lambda nc: CNN6(nc),
+    "cnn6x2": lambda nc: CNN6(nc, width=32),  # twice the width, ~4x the FLOPs: the response study's capacity arm
     "resnet18": lambda nc: ResNet(BasicBlock, (2, 2, 2, 2), nc),
     "resnet18_lbgat": lambda nc: ResNet(BasicBlock, (2, 2, 2, 2), nc, strides=(1, 1, 2, 2)),
     "preact_resnet18": lambda nc: ResNet(PreActBlock, (2, 2, 2, 2), nc, preact=True),
@@ -851,10 +856,15 @@ class Lambda:
         return self.text
 
 
+def relation_feature(s, cfg):
+    """f' of M' that the relation loss reads: on x' (--tp-input adv) or on x (nat)."""
+    return (s.adv_out() if cfg.tp_input == "adv" else s.nat_out())[0]
+
+
 def relation_inputs(s, cfg):
     """(f of M on x, detached; f' of M' on x' (--tp-input adv) or on x (nat))."""
     f_std = s.std_out()[0].detach()
-    f_adv = (s.adv_out() if cfg.tp_input == "adv" else s.nat_out())[0]
+    f_adv = relation_feature(s, cfg)
     if s.gather is not None:  # --ddp: the relation over the global batch (distributed.py)
         f_std, f_adv = s.gather(f_std), s.gather(f_adv)
     return f_std, f_adv
@@ -960,6 +970,24 @@ def plugin_train(s, cfg, epoch):
     """TRAIN: lambda(t) * L_TP(f.detach(), f'), f' from M'(x') (--tp-input adv) or M'(x) (nat);
     --relation swaps L_TP for another relation loss (Table VI). The term is named after it."""
     return {cfg.relation: cfg.lam.at(epoch, cfg.epochs)[1] * RELATION_LOSSES[cfg.relation].loss(s, cfg)}
+
+
+GRAD_PROBE_STEPS = 4  # the last steps of each epoch on which gradient_probe measures (metrics.jsonl "grad/...")
+
+
+def gradient_probe(s, robust, cfg, epoch):
+    """How hard the relation term pulls on M''s features f' (relation_feature) against the base method's
+    loss L_robust: the norms of dL_robust/df' and of dL_TP/df' (unweighted), share = lambda(t) ||dL_TP/df'|| /
+    ||dL_robust/df'||, and the cosine of the two gradients. Detached 0-dim tensors (no host sync)."""
+    f = relation_feature(s, cfg)
+    raw = RELATION_LOSSES[cfg.relation].loss(s, cfg)
+    g_rob, g_tp = (torch.autograd.grad(loss, f, retain_graph=True, allow_unused=True)[0] for loss in (robust, raw))
+    g_rob, g_tp = ((torch.zeros_like(f) if g is None else g.detach()).flatten() for g in (g_rob, g_tp))
+    n_rob, n_tp = g_rob.norm(), g_tp.norm()
+    tiny = torch.finfo(f.dtype).tiny
+    return {"grad/robust_norm": n_rob, "grad/tp_norm": n_tp,
+            "grad/share": cfg.lam.at(epoch, cfg.epochs)[1] * n_tp / n_rob.clamp_min(tiny),
+            "grad/cos": (g_rob @ g_tp) / (n_rob * n_tp).clamp_min(tiny)}
 
 
 # -------------------------------------------------------------------------------------
@@ -1151,10 +1179,11 @@ def amp_context(cfg, device_type):
     return lambda: torch.autocast(device_type, dtype=dtype)
 
 
-def train_step(models, opts, x, y, cfg, epoch, scaler=None):
+def train_step(models, opts, x, y, cfg, epoch, scaler=None, probe=False):
     """One step of Algorithm 1: attack, forward, all loss terms, one backward, every optimiser.
     Returns the detached terms; a non-finite one is the caller's to notice (check_finite), so the
-    step never waits for the device. scaler: fp16's GradScaler, else None."""
+    step never waits for the device. scaler: fp16's GradScaler, else None. probe: also return
+    gradient_probe's "grad/..." values (not loss terms) before the update."""
     method = method_of(cfg)
     amp = amp_context(cfg, x.device.type)
     with amp():
@@ -1166,6 +1195,7 @@ def train_step(models, opts, x, y, cfg, epoch, scaler=None):
                   std_trainable=not models.std_frozen, heads=models.heads, amp=amp)
     s.gather = distributed.relation_gather(cfg)
     terms = method.loss(s, cfg)
+    measured = gradient_probe(s, sum(terms.values()), cfg, epoch) if probe else {}
     for name in active_plugins(cfg):
         terms.update(PLUGINS[name](s, cfg, epoch))
     if "std" in models.trained():
@@ -1180,7 +1210,7 @@ def train_step(models, opts, x, y, cfg, epoch, scaler=None):
         scaler.update()
     if models.awp is not None:  # as in AWP's code: the step is taken at the perturbed point, then undone
         models.awp.restore(models.adv)
-    return {k: v.detach() for k, v in terms.items()}
+    return {**{k: v.detach() for k, v in terms.items()}, **measured}
 
 
 def check_finite(sums, epoch):
@@ -1467,7 +1497,8 @@ def train(cfg, run_dir, data, resume=False, log=print, on_start=None):
                     x = augment(data.x_train[idx], offsets[idx], flips[idx])
                     if cfg.channels_last:
                         x = x.contiguous(memory_format=torch.channels_last)
-                    terms = train_step(models, opts, x, data.y_train[idx], cfg, epoch, scaler)
+                    probe = cfg.train and models.ddp is None and b >= n_batches - GRAD_PROBE_STEPS
+                    terms = train_step(models, opts, x, data.y_train[idx], cfg, epoch, scaler, probe)
                     distributed.sync_buffers(models, cfg)
                     for k, v in terms.items():
                         sums[k] = sums[k] + v if k in sums else v.double()
@@ -1482,8 +1513,10 @@ def train(cfg, run_dir, data, resume=False, log=print, on_start=None):
                 sums = check_finite(sums, epoch)
             a, lam = cfg.lam.at(epoch, cfg.epochs)
             row = {"epoch": epoch, "lr": lr, "a": a, "lambda": lam if cfg.train else 0.0}
-            row.update({f"loss/{k}": v.item() / n_batches for k, v in sums.items()})
+            row.update({f"loss/{k}": v.item() / n_batches for k, v in sums.items() if not k.startswith("grad/")})
             row["loss/total"] = sum(v for k, v in row.items() if k.startswith("loss/"))
+            # the mean over the probed steps (the last GRAD_PROBE_STEPS of the epoch)
+            row.update({k: v.item() / min(GRAD_PROBE_STEPS, n_batches) for k, v in sums.items() if k.startswith("grad/")})
             row.update(epoch_eval(models, data, cfg, epoch))
             row.update(val_eval(models, data, cfg, epoch))
             row["seconds"] = time.time() - t0
@@ -1511,7 +1544,7 @@ class SanityError(Exception):
     the numbers cannot be trusted, so the evaluation stops."""
 
 
-EVAL_METRICS = ("nat", "pgd", "cw", "aa", "knn", "tp")
+EVAL_METRICS = ("nat", "pgd", "cw", "aa", "knn", "tp", "nbr")
 
 
 @torch.no_grad()
@@ -1682,6 +1715,33 @@ def topology_scores(model, data, x_test_nat, x_test_adv, attack, ks, support_n=0
     for name, xq in (("natural", x_test_nat), ("robust", x_test_adv)):
         preds = knn_predict(support, support_y, features_of(model, xq, batch_size), ks, data.num_classes)
         out[name] = {str(k): (p == y).float().mean().item() for k, p in preds.items()}
+    return out
+
+
+def cosine_neighbours(f, k, chunk=1024):
+    """Indices of each row's k nearest other rows by cosine similarity, nearest first: [n, k]."""
+    z = F.normalize(f.float(), dim=1)
+    out = []
+    for i in range(0, len(z), chunk):
+        sim = z[i:i + chunk] @ z.t()
+        rows = torch.arange(i, min(i + chunk, len(z)), device=z.device)
+        sim[rows - i, rows] = -float("inf")  # a point is not its own neighbour
+        out.append(sim.topk(k, dim=1).indices)
+    return torch.cat(out)
+
+
+def neighbour_agreement(f_ref, f, ks):
+    """Topology preservation measured directly: for each sample, the fraction of its k nearest neighbours
+    (cosine, among the other samples) in f's space that are also among its k nearest in f_ref's; the mean
+    over samples, {str(k): value}. Chance level for unrelated spaces is k / (n - 1)."""
+    kmax = max(ks)
+    if kmax >= len(f):
+        raise UserError(f"--nbr-k {kmax} needs more than {kmax} test images (there are {len(f)})")
+    a, b = cosine_neighbours(f_ref, kmax), cosine_neighbours(f, kmax)
+    out = {}
+    for k in ks:
+        shared = (a[:, :k, None] == b[:, None, :k]).any(2).sum(1)
+        out[str(k)] = shared.float().mean().item() / k
     return out
 
 
@@ -1857,7 +1917,7 @@ def evaluate(ckpt_path, ecfg, out_dir=None, log=print):
         res["std_natural"] = correct_under(models.std, x, y, None, bs)[1].float().mean().item()
     pgd20 = pgd_attack(eps, ecfg.eval_step_size, ecfg.eval_steps)
     x_pgd = None
-    if metrics & {"pgd", "knn", "tp"} or ecfg.tsne:
+    if metrics & {"pgd", "knn", "tp", "nbr"} or ecfg.tsne:
         x_pgd, correct["pgd"] = correct_under(model, x, y, pgd20, bs, desc=f"PGD-{ecfg.eval_steps}")
         check_adversarial(x_pgd, x, eps, f"PGD-{ecfg.eval_steps}")
         res["pgd"] = correct["pgd"].float().mean().item()
@@ -1894,6 +1954,10 @@ def evaluate(ckpt_path, ecfg, out_dir=None, log=print):
         res["knn_train_n"] = min(ecfg.knn_train_n or len(data.x_train), len(data.x_train))
     if "tp" in metrics and models.std is not None:
         res["test_ltp"] = test_topology_loss(models, x, x_pgd, run_cfg)
+    if "nbr" in metrics and models.std is not None:  # M' on x and on x', against M on x
+        f_std = features_of(models.std, x, bs)
+        res["nbr"] = {"natural": neighbour_agreement(f_std, features_of(model, x, bs), ecfg.nbr_k),
+                      "robust": neighbour_agreement(f_std, features_of(model, x_pgd, bs), ecfg.nbr_k)}
     if ecfg.tsne and out_dir:
         title = (f"{res['arch']} ({ecfg.eval_model}) natural {res['natural']:.2%}, "
                  f"PGD-{ecfg.eval_steps} {res['pgd']:.2%}")
@@ -1908,7 +1972,7 @@ ROW_KEYS = ("model", "epoch", "eps", "pgd_steps", "pgd_step_size", "n_test")
 EVAL_FORMAT = 2  # 2: merged rows, results.md regenerated from eval.json
 # metric -> the settings beyond the row's that define its value (a change starts a new row)
 METRIC_SETTINGS = {"natural": (), "std_natural": (), "pgd": (), "cw": ("cw_kappa",), "aa": ("aa_n", "aa_attacks"),
-                   "knn": ("knn_train_n",), "test_ltp": ()}
+                   "knn": ("knn_train_n",), "test_ltp": (), "nbr": ()}
 
 
 def same_row(old, new):
@@ -1932,15 +1996,16 @@ def merge_eval(old, new, log=print):
     if not same_row(old, new):
         log(f"eval.json: the results of {row_label(old)} at eps {old.get('eps', 0) * 255:.2f}/255 stay in 'earlier'")
         return {**new, "earlier": earlier + [old]}
-    again = [m for m in METRIC_SETTINGS if m in old and m in new and m != "knn" and old[m] != new[m]]
+    again = [m for m in METRIC_SETTINGS if m in old and m in new and m not in ("knn", "nbr") and old[m] != new[m]]
     if again:
         log("eval.json: measured again with the same settings: "
             + ", ".join(f"{m} {old[m]:.4f} -> {new[m]:.4f}" for m in again))
     warnings = old.get("warnings", [])
     merged = {**old, **new, "warnings": warnings + [w for w in new["warnings"] if w not in warnings],
               "sanity": {**old.get("sanity", {}), **new["sanity"]}}
-    if "knn" in old and "knn" in new:  # other k: both kept
-        merged["knn"] = {q: {**old["knn"].get(q, {}), **new["knn"][q]} for q in new["knn"]}
+    for m in ("knn", "nbr"):  # other k: both kept
+        if m in old and m in new:
+            merged[m] = {q: {**old[m].get(q, {}), **new[m][q]} for q in new[m]}
     if len(old.get("worst_case_of", [])) > len(new["worst_case_of"]):  # the worst case over more attacks stays
         merged.update({k: old[k] for k in ("worst_case", "worst_case_n", "worst_case_of") if k in old})
     return {**merged, **({"earlier": earlier} if earlier else {})}
@@ -2242,6 +2307,8 @@ class EvalConfig:
                                type=name_list(("apgd-ce", "apgd-t", "fab-t", "square", "apgd-dlr", "fab")))
     knn_k: list = setting([30], "k of the kNN topology score, e.g. 5,10,20,30,40,50", type=int_list)
     knn_train_n: int = setting(0, "kNN support: the first n training images (0 = all), natural + PGD-20", type=int)
+    nbr_k: list = setting([10, 30], "k of the neighbour agreement (metric nbr: M' vs M kNN graphs on the test "
+                          "images)", type=int_list)
     tsne: bool = setting(False, "also save a t-SNE picture of natural and PGD-20 features")
     eval_batch_size: int = setting(500, "batch size of the evaluation attacks", type=int)
     seed: int = setting(1, "", type=int)
@@ -2362,7 +2429,7 @@ def validate(cfg):
 # allowed it means "all" or "off", as the flag's help says.
 LOWEST = {"image_size": 0, "train_n": 0, "val_n": 0, "test_n": 0, "steps": 1, "eval_steps": 1, "awp_warmup": 0, "seed": 0,
           "milestones": 1, "lr": 0, "momentum": 0, "wd": 0, "beta": 0, "gamma": 0, "alp_weight": 0, "awp_gamma": 0,
-          "aa_n": 0, "knn_k": 1, "knn_train_n": 0, "eval_batch_size": 1, "cw_kappa": 0}
+          "aa_n": 0, "knn_k": 1, "nbr_k": 1, "knn_train_n": 0, "eval_batch_size": 1, "cw_kappa": 0}
 
 
 def check_lowest(settings):
@@ -2570,7 +2637,7 @@ def acquire_lock(run_dir):
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
-            raise UserError(f"run folder {run_dir} is in use by process {read_pid(path)} (it holds {path}); "
+            raise FolderInUse(f"run folder {run_dir} is in use by process {read_pid(path)} (it holds {path}); "
                             "wait until that process ends, or use another folder") from None
         if same_file(fd, path):
             try:

@@ -7,10 +7,13 @@ runs are reused, unfinished ones resumed, each run is evaluated once.
 Flags this script does not know (e.g. --data-file, --device, --runs-dir, --lr) are passed to every run.
 """
 import dataclasses
+import fcntl
 import json
 import math
 import os
+import shutil
 import statistics
+import subprocess
 import sys
 import threading
 import time
@@ -330,10 +333,11 @@ def scaled(key, v):
     return None if v is None else (v if key == "test_ltp" else 100 * v)
 
 
-def evidence_tables(results):
+def evidence_tables(results, labels=None, pairs=EVIDENCE_PAIRS):
     """results: {config key: {seed: eval.json dict}} -> markdown: mean ± std per configuration, the TRAIN
-    gain per base method (mean ± std of the per-seed paired differences), and every paired seed."""
-    labels = {k: label for k, label, _ in EVIDENCE_CONFIGS}
+    gain per base method (mean ± std of the per-seed paired differences over `pairs` of config keys), and
+    every paired seed. labels: {config key: label} (default: the evidence study's)."""
+    labels = labels or {k: label for k, label, _ in EVIDENCE_CONFIGS}
     lines = ["Mean ± standard deviation over seeds (accuracies in %):", "",
              "| method | seeds | " + " | ".join(name for _, name in EVIDENCE_METRICS) + " |",
              "| --- " * (2 + len(EVIDENCE_METRICS)) + "|"]
@@ -344,7 +348,7 @@ def evidence_tables(results):
     gain_metrics = [(m, n) for m, n in EVIDENCE_METRICS if m not in ("test_ltp", "std_natural")]
     gain_head = ["| pair | seeds | " + " | ".join(n for _, n in gain_metrics) + " |", "| --- " * (2 + len(gain_metrics)) + "|"]
     gains, paired = [], []
-    for base, plus in EVIDENCE_PAIRS:
+    for base, plus in pairs:
         if base not in results or plus not in results:
             continue
         seeds = sorted(set(results[base]) & set(results[plus]))
@@ -458,6 +462,403 @@ def evidence_study(scale, configs, seeds, passthrough, dry_run, log):
     return table
 
 
+# ------------------------------------------------------------------------------------- the response study
+HERE = os.path.dirname(os.path.abspath(__file__))
+RESPONSE_RESULTS = os.path.join(HERE, "results", "response")  # each finished run's small files, committed
+RESPONSE_LAMBDAS = ("0.03", "0.1", "0.3", "1")  # the grid of arm 1, fixed before any run (sum reduction)
+RESPONSE_SELECT_SEEDS = [1, 2, 3]
+RESPONSE_CONFIRM_SEEDS = [4, 5, 6]
+RESPONSE_CAPACITY_SEEDS = [4, 5]
+RESPONSE_ARMS = ("lambda", "confirm", "capacity")
+RESPONSE_TRAIN = {**EVIDENCE_SCALES["cpu"]["train"], "val_n": 1000, "baselines": "official"}
+RESPONSE_EVAL = {**EVIDENCE_SCALES["cpu"]["eval"], "nbr_k": [10, 30]}
+RESPONSE_METRICS = {"lambda": ["nat", "pgd", "knn", "tp", "nbr"],
+                    "confirm": ["nat", "pgd", "cw", "aa", "knn", "tp", "nbr"]}
+RESPONSE_METRICS["capacity"] = RESPONSE_METRICS["confirm"]
+WIDTHS = {"cnn6": 1, "cnn6x2": 2}
+# Core-minutes of one run (training + evaluation, one thread), by (method, trains M, width, evaluation):
+# first estimates from the evidence study's speeds (2026-12-01, AMD EPYC); `--dry-run` prints their sums.
+RESPONSE_MINUTES = {("at", 1, "lambda"): 11, ("at", 1, "full"): 14, ("trades", 1, "full"): 16,
+                    ("at", 2, "full"): 38}
+PENDING = "lambda*"  # the settings of a run that waits for arm 1's selection
+
+
+def lam_key(lam):
+    return f"lam{lam}"
+
+
+def response_settings(method, lam, arch=None, seed=1):
+    """A run of the response study: every run trains M (lambda 0 = the base method with M alongside);
+    arch: one of WIDTHS (default: the x1 net), for M' and M."""
+    arch = arch or next(iter(WIDTHS))
+    return {"method": method, "train": True, "lam": lam if lam == PENDING else common.Lambda.parse(lam),
+            "arch": arch, "std_arch": arch, "seed": seed}
+
+
+def response_label(settings):
+    base = settings["method"].upper()
+    lam = str(settings["lam"])
+    width = WIDTHS[settings["arch"]]
+    name = "lambda*" if lam == PENDING else f"lambda {lam}"
+    return (f"{base} + M (lambda 0)" if lam == "0" else f"{base} + TRAIN ({name})") + \
+        (f", width x{width}" if width != 1 else "")
+
+
+def response_runs(arms=RESPONSE_ARMS):
+    """[(arm, settings)] of the pre-registered design (settings["lam"] == PENDING until lambda* is chosen);
+    a run that two arms share (same settings) is listed once, under the first."""
+    runs = []
+    if "lambda" in arms:
+        runs += [("lambda", response_settings("at", lam, seed=s)) for s in RESPONSE_SELECT_SEEDS
+                 for lam in ("0",) + RESPONSE_LAMBDAS]
+    if "confirm" in arms:
+        runs += [("confirm", response_settings(m, lam, seed=s)) for s in RESPONSE_CONFIRM_SEEDS
+                 for m in ("at", "trades") for lam in ("0", PENDING)]
+    if "capacity" in arms:
+        runs += [("capacity", response_settings("at", lam, arch, seed=s)) for s in RESPONSE_CAPACITY_SEEDS
+                 for arch in WIDTHS for lam in ("0", "5", PENDING)]
+    seen, out = set(), []
+    for arm, st in runs:
+        key = tuple(sorted((k, str(v)) for k, v in st.items()))
+        if key not in seen:
+            seen.add(key)
+            out.append((arm, st))
+    return out
+
+
+def val_score(rows):
+    """Arm 1's selection score of a run: val natural + val PGD accuracy of its last epoch (= last.pt)."""
+    last = rows[-1]
+    pgd = next(k for k in last if k.startswith("val_pgd") and k.endswith("_acc"))
+    return last["val_nat_acc"] + last[pgd]
+
+
+def select_lambda(scores):
+    """The pre-stated rule. scores: {lambda text: {seed: val_score}} over arm 1 -> (lambda*, why) once every
+    positive lambda has all RESPONSE_SELECT_SEEDS, else (None, what is missing). lambda* = the positive
+    lambda with the highest mean score over the seeds; a tie goes to the smaller lambda."""
+    missing = [f"lambda {lam} seed {s}" for lam in RESPONSE_LAMBDAS for s in RESPONSE_SELECT_SEEDS
+               if s not in scores.get(lam, {})]
+    if missing:
+        return None, f"arm 1 is not finished ({len(missing)} runs missing)"
+    mean = {lam: statistics.mean(scores[lam][s] for s in RESPONSE_SELECT_SEEDS) for lam in RESPONSE_LAMBDAS}
+    best = max(RESPONSE_LAMBDAS, key=lambda lam: (mean[lam], -float(lam)))
+    return best, f"highest mean val natural + val PGD over seeds {RESPONSE_SELECT_SEEDS}: {100 * mean[best]:.2f}"
+
+
+class ResponseStudy:
+    """Where the response study's runs live, and what is known of each: committed results under
+    results/response/ (survive a new machine), else the run folder under runs/."""
+
+    def __init__(self, passthrough, results_root=None):
+        self.study = Study(passthrough, defaults={**DEFAULTS, **RESPONSE_TRAIN}, root_name="response_cpu")
+        self.results_root = (results_root or RESPONSE_RESULTS) + self.study.suffix()
+
+    def resolve(self, settings, lam_star):
+        return settings if settings["lam"] != PENDING else (
+            None if lam_star is None else {**settings, "lam": common.Lambda.parse(lam_star)})
+
+    def name(self, settings):
+        return os.path.basename(self.study.dir_of(settings))
+
+    def saved_dir(self, settings):
+        """The committed copy of a finished run, if it holds exactly these settings (else None)."""
+        d = os.path.join(self.results_root, self.name(settings))
+        if not os.path.isfile(os.path.join(d, "eval.json")):
+            return None
+        check_same_settings(d, self.study.config(settings))
+        return d
+
+    def status(self, settings):
+        if settings is None:
+            return "waits"
+        if self.saved_dir(settings):
+            return "done"
+        return common.run_status(self.study.dir_of(settings))
+
+    def scores(self):
+        """{lambda text: {seed: val_score}} of arm 1's finished runs."""
+        out = {}
+        for _, st in response_runs(["lambda"]):
+            d = self.saved_dir(st)
+            if d:
+                out.setdefault(str(st["lam"]), {})[st["seed"]] = val_score(read_metrics(d))
+        return out
+
+    def keep(self, settings):
+        """Copy a finished, evaluated run's small files into results/response/<name>/ -> that folder."""
+        src, dst = self.study.dir_of(settings), os.path.join(self.results_root, self.name(settings))
+        os.makedirs(dst, exist_ok=True)
+        for f in ("config.json", "metrics.jsonl", "eval.json"):
+            shutil.copyfile(os.path.join(src, f), os.path.join(dst, f))
+        return dst
+
+
+def minutes_of(arm, settings):
+    key = (settings["method"], WIDTHS[settings["arch"]], "lambda" if arm == "lambda" else "full")
+    return RESPONSE_MINUTES.get(key, RESPONSE_MINUTES[("at", WIDTHS[settings["arch"]], "full")])
+
+
+def commit_results(folder, message, log):
+    """--commit: commit one run's result files (git add + commit of that folder only), serialised between
+    the study's processes by a lock file beside the repository's index."""
+    git_dir = subprocess.run(["git", "rev-parse", "--absolute-git-dir"], cwd=folder, capture_output=True,
+                             text=True).stdout.strip()
+    if not git_dir:
+        log(f"--commit: {folder} is not in a git repository; not committed")
+        return
+    with open(os.path.join(git_dir, "response-commit.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        subprocess.run(["git", "add", "--", folder], cwd=folder, check=True)
+        done = subprocess.run(["git", "commit", "-q", "-m", message, "--", folder], cwd=folder)
+    log(f"committed {folder}" if done.returncode == 0 else f"--commit: git commit of {folder} failed")
+
+
+def response_study(arms, passthrough, dry_run, log, commit=False, results_root=None):
+    """The response study (pre-registered; the design below was fixed before any of its runs).
+
+    Question: is there a lambda at which TRAIN helps at the evidence study's CPU scale, does the lambda-5
+    deficit shrink with width, and does L_TP make M''s neighbourhoods closer to M's?
+    Scale: the evidence study's cpu scale (M' = M = cnn6, the first 8,000 CIFAR-10 images of the shared copy, 8
+      epochs, lr x0.1 at 6 and 7, batch 128, PGD-3 step 0.01, eps 0.031, sum reduction), except that the last
+      1,000 of the 8,000 images are a validation split (7,000 train) and the training attacks start as the
+      official code does (baselines official). Every run trains M next to M' (--train); lambda 0 is the base
+      method with M alongside, which leaves M''s loss unchanged and gives every run the mechanism measures.
+    Arm 1, lambda (seeds 1-3): AT + TRAIN with constant lambda in {0.03, 0.1, 0.3, 1}, and lambda 0.
+      Rule (select_lambda): lambda* = the positive lambda with the highest mean over seeds 1-3 of val natural +
+      val PGD-10 accuracy of last.pt (the last metrics.jsonl row; 1,000 validation images); ties go to the
+      smaller lambda. Reported: whether lambda* beats lambda 0 on that score. No test number enters the rule.
+    Arm 2, confirmation (seeds 4-6, test set): AT vs AT + TRAIN(lambda*), TRADES vs TRADES + TRAIN(lambda*)
+      (beta 6), paired differences per metric. The grid is not extended after seeing test numbers.
+    Arm 3, capacity (seeds 4-5): width x1 (cnn6) and x2 (cnn6x2: widths 32/64/128, ~4x the FLOPs, M' = M),
+      each AT vs AT + TRAIN(lambda 5) vs AT + TRAIN(lambda*); the width-x1 runs of AT and lambda* are arm 2's.
+      Twice the width (not depth) keeps the net's shape, so only capacity changes.
+    Mechanism, every run: the gradient share ||d(lambda L_TP)/df'|| / ||dL_robust/df'|| on M''s features (mean
+      of the last 4 steps of each epoch, metrics.jsonl grad/...), test L_TP, and the neighbour agreement of M'
+      (on x and on its PGD-20 x') with M (on x), k = 10 and 30, on the 1,000 test images.
+    Evaluation of last.pt on the first 1,000 test images: arm 1 natural, PGD-20, kNN@30 (support: first 1,000
+      training images), test L_TP, neighbour agreement; arms 2-3 add CW-20 and AutoAttack APGD-CE + APGD-DLR.
+    Every run is reported; results/response/<run>/ keeps each finished run's config.json, metrics.jsonl and
+    eval.json (committed), so tables are rebuilt from them when the run folders are gone.
+    """
+    rs = ResponseStudy(passthrough, results_root)
+    lam_star, why = select_lambda(rs.scores())
+    runs = response_runs(arms)
+    if dry_run:
+        log(f"response study: {len(runs)} runs; lambda*: {lam_star or 'not chosen yet'} ({why})")
+        left = 0
+        for arm, st in runs:
+            actual = rs.resolve(st, lam_star)
+            status, minutes = rs.status(actual), minutes_of(arm, st)
+            left += minutes if status != "done" else 0
+            where = rs.study.dir_of(actual) if actual else "(after arm 1)"
+            log(f"[{status}] {arm}: {response_label(actual or st)}, seed {st['seed']}, ~{minutes} core-min -> {where}")
+        log(f"remaining: ~{left} core-minutes (~{left / 120:.1f} h on 2 cores, one run per core)")
+        return None
+    log(f"response study: {len(runs)} runs in {rs.study.root}; lambda*: {lam_star or 'not chosen yet'} ({why})")
+    waiting = []
+    for arm, st in runs:
+        actual = rs.resolve(st, lam_star)
+        label = f"{response_label(actual or st)}, seed {st['seed']}"
+        if actual is None:
+            waiting.append(label)
+            continue
+        if rs.status(actual) == "done":
+            continue
+        ecfg = rs.study.eval_config(RESPONSE_METRICS[arm], RESPONSE_EVAL)
+        try:
+            r = run_and_evaluate(rs.study, label, actual, ecfg, False, log, ckpt="last.pt")
+        except common.FolderInUse:
+            log(f"{label}: another process is running it; skipped")
+            continue
+        if "failed" in r:
+            continue
+        kept = rs.keep(actual)
+        if commit:
+            commit_results(kept, f"response study: {label} ({os.path.basename(kept)})", log)
+        if arm == "lambda" and lam_star is None:  # the last run of arm 1 fixes lambda* for the runs after it
+            lam_star, why = select_lambda(rs.scores())
+            if lam_star:
+                log(f"lambda* = {lam_star} ({why})")
+    if waiting:
+        log(f"{len(waiting)} runs wait for lambda* (arm 1 unfinished): {'; '.join(waiting)}")
+    return response_report(rs, lam_star, log)
+
+
+def response_values(r, rows):
+    """The numbers of one run: from its eval.json r (fractions) and its metrics.jsonl rows."""
+    v = evidence_values(r)
+    nbr = r.get("nbr") or {}
+    for q in ("natural", "robust"):
+        for k in ("10", "30"):
+            v[f"nbr{k}_{q}"] = (nbr.get(q) or {}).get(k)
+    last = rows[-1]
+    v.update(val_score=val_score(rows), share_first=rows[0].get("grad/share"), share=last.get("grad/share"),
+             cos=last.get("grad/cos"), minutes=sum(row["seconds"] for row in rows) / 60)
+    return v
+
+
+def fmt(v, scale=100, digits=2):
+    return "-" if v is None else f"{scale * v:.{digits}f}"
+
+
+def mean_of(values, scale=100):
+    return mean_std([None if v is None else scale * v for v in values])
+
+
+def response_report(rs, lam_star, log):
+    """Tables and figure of every finished run (read from results/response/), whatever is still missing."""
+    done = []  # (arm, settings, eval.json dict, response_values)
+    for arm, st in response_runs():
+        actual = rs.resolve(st, lam_star)
+        d = actual and rs.saved_dir(actual)
+        if d:
+            with open(os.path.join(d, "eval.json")) as fh:
+                r = json.load(fh)
+            done.append((arm, actual, r, response_values(r, read_metrics(d))))
+    text = response_tables(done, lam_star)
+    os.makedirs(rs.results_root, exist_ok=True)
+    with open(os.path.join(rs.results_root, "tables.md"), "w") as fh:
+        fh.write(text + "\n")
+    png = done and plot_response(done, os.path.join(rs.results_root, "response.png"))
+    log(text)
+    log(f"tables: {os.path.join(rs.results_root, 'tables.md')}; figure: {png or 'none (no finished run)'}")
+    return text
+
+
+def selection_table(done, lam_star):
+    """Arm 1: each lambda's selection score per seed, mean ± std, and lambda* against lambda 0."""
+    lams = ("0",) + RESPONSE_LAMBDAS
+    score = {lam: {st["seed"]: v["val_score"] for arm, st, _, v in done if arm == "lambda" and str(st["lam"]) == lam}
+             for lam in lams}
+    out = ["## Arm 1 — lambda on the validation split", "",
+           "Selection score: val natural + val PGD-10 accuracy of last.pt (%, sum of the two):", "",
+           "| lambda | " + " | ".join(f"seed {s}" for s in RESPONSE_SELECT_SEEDS) + " | mean ± std |",
+           "| --- " * (2 + len(RESPONSE_SELECT_SEEDS)) + "|"]
+    for lam in lams:
+        out.append(f"| {lam}{' (lambda*)' if lam == lam_star else ''} | "
+                   + " | ".join(fmt(score[lam].get(s)) for s in RESPONSE_SELECT_SEEDS) + f" | {mean_of(score[lam].values())} |")
+    if lam_star:
+        seeds = sorted(set(score[lam_star]) & set(score["0"]))
+        diffs = [score[lam_star][s] - score["0"][s] for s in seeds]
+        out += ["", f"lambda* = {lam_star}; lambda* minus lambda 0 on this score: {mean_of(diffs)} points, better on "
+                f"{sum(d > 0 for d in diffs)} of {len(diffs)} seeds."]
+    return out
+
+
+def confirmation_table(done, lam_star):
+    """Arm 2: the evidence study's tables (means, paired gains, per seed) on seeds 4-6."""
+    results, labels = {}, {}
+    for arm, st, r, _ in done:
+        if st["seed"] in RESPONSE_CONFIRM_SEEDS and WIDTHS[st["arch"]] == 1 and str(st["lam"]) in ("0", lam_star):
+            key = f"{st['method']}_{'m' if str(st['lam']) == '0' else 'star'}"
+            labels[key] = response_label(st)
+            results.setdefault(key, {})[st["seed"]] = r
+    order = {k: results[k] for k in ("at_m", "at_star", "trades_m", "trades_star") if k in results}
+    return ["## Arm 2 — confirmation on fresh seeds 4-6 (test set)", "",
+            evidence_tables(order, labels, [("at_m", "at_star"), ("trades_m", "trades_star")]) if order else "no run yet"]
+
+
+CAPACITY_METRICS = (("natural", "Natural"), ("pgd", "PGD-20"), ("aa", "AA"), ("nbr30_robust", "nbr@30 robust"))
+
+
+def capacity_table(done, lam_star):
+    """Arm 3: per width, AT (+ M) vs lambda 5 vs lambda* on seeds 4-5: means and paired differences to AT."""
+    runs = {}
+    for _, st, _, v in done:
+        if st["method"] == "at" and st["seed"] in RESPONSE_CAPACITY_SEEDS and str(st["lam"]) in ("0", "5", lam_star):
+            runs.setdefault((WIDTHS[st["arch"]], str(st["lam"])), {})[st["seed"]] = v
+    out = ["## Arm 3 — capacity (AT, seeds 4-5; x2 = cnn6x2)", "",
+           "Means over seeds, and the paired difference to AT + M of the same width and seed (points):", "",
+           "| width | lambda | seeds | " + " | ".join(n for _, n in CAPACITY_METRICS) + " | "
+           + " | ".join(f"Δ {n}" for _, n in CAPACITY_METRICS) + " |", "| --- " * (3 + 2 * len(CAPACITY_METRICS)) + "|"]
+    for (width, lam), seeds in sorted(runs.items(), key=lambda kv: (kv[0][0], float(kv[0][1]))):
+        base = runs.get((width, "0"), {})
+        deltas = [mean_of([seeds[s][m] - base[s][m] for s in seeds if s in base
+                           if seeds[s][m] is not None and base[s][m] is not None]) if lam != "0" else ""
+                  for m, _ in CAPACITY_METRICS]
+        out.append(f"| x{width} | {lam}{' (lambda*)' if lam == lam_star else ''} | {len(seeds)} | "
+                   + " | ".join(mean_of(v[m] for v in seeds.values()) for m, _ in CAPACITY_METRICS) + " | "
+                   + " | ".join(deltas) + " |")
+    return out
+
+
+MECHANISM = (("test_ltp", "test L_TP", 1), ("share_first", "grad share ep. 1", 1), ("share", "grad share ep. 8", 1),
+             ("cos", "grad cos ep. 8", 1), ("nbr10_natural", "nbr@10 nat", 100), ("nbr30_natural", "nbr@30 nat", 100),
+             ("nbr30_robust", "nbr@30 rob", 100), ("knn_natural", "kNN@30 nat", 100), ("natural", "Natural", 100))
+
+
+def mechanism_table(done):
+    """Per (width, method, lambda), over every seed that ran: L_TP, gradient share, neighbour agreement, kNN."""
+    groups = {}
+    for _, st, _, v in done:
+        groups.setdefault((WIDTHS[st["arch"]], st["method"], float(str(st["lam"]))), []).append(v)
+    out = ["## Mechanism (every run with an M; mean ± std over the seeds that ran)", "",
+           "grad share = lambda ||dL_TP/df'|| / ||dL_robust/df'|| on M''s features (mean of the epoch's last 4 steps); "
+           "nbr@k = neighbour agreement of M' (natural x or PGD-20 x') with M (x), %; chance = k/999.", "",
+           "| width | method | lambda | seeds | " + " | ".join(n for _, n, _ in MECHANISM) + " |",
+           "| --- " * (4 + len(MECHANISM)) + "|"]
+    for (width, method, lam), vals in sorted(groups.items()):
+        out.append(f"| x{width} | {method} | {lam:g} | {len(vals)} | "
+                   + " | ".join(mean_of((v[m] for v in vals), scale) for m, _, scale in MECHANISM) + " |")
+    return out
+
+
+def every_run_table(done):
+    cols = (("val_score", "val score"), ("natural", "Natural"), ("pgd", "PGD-20"), ("cw", "CW-20"), ("aa", "AA"),
+            ("knn_natural", "kNN@30 nat"), ("nbr30_natural", "nbr@30 nat"), ("nbr30_robust", "nbr@30 rob"),
+            ("std_natural", "M natural"))
+    out = ["## Every run", "", "| arm | run | seed | " + " | ".join(n for _, n in cols)
+           + " | test L_TP | grad share ep. 8 | train min |", "| --- " * (6 + len(cols)) + "|"]
+    for arm, st, _, v in done:
+        out.append(f"| {arm} | {response_label(st)} | {st['seed']} | " + " | ".join(fmt(v[m]) for m, _ in cols)
+                   + f" | {fmt(v['test_ltp'], 1, 3)} | {fmt(v['share'], 1, 3)} | {v['minutes']:.1f} |")
+    return out
+
+
+def response_tables(done, lam_star):
+    """done: [(arm, settings, eval.json dict, response_values)] -> the study's markdown."""
+    out = selection_table(done, lam_star)
+    if lam_star:
+        out += [""] + confirmation_table(done, lam_star)
+    out += [""] + capacity_table(done, lam_star) + [""] + mechanism_table(done) + [""] + every_run_table(done)
+    return "\n".join(out)
+
+
+def plot_response(done, path):
+    """Natural / PGD-20 accuracy and neighbour agreement (nbr@30 natural) against lambda, AT runs, one line
+    per width, mean over the seeds that ran at each point."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for width in sorted(set(WIDTHS.values())):
+        pts = {}
+        for _, st, _, v in done:
+            if st["method"] == "at" and WIDTHS[st["arch"]] == width:
+                pts.setdefault(float(str(st["lam"])), []).append(v)
+        lams = sorted(pts)
+        if not lams:
+            continue
+        def mean(m):  # NaN (a gap) where no run measured it
+            return [100 * statistics.mean(got) if got else math.nan
+                    for got in ([v[m] for v in pts[lam] if v[m] is not None] for lam in lams)]
+        axes[0].plot(lams, mean("natural"), marker="o", label=f"x{width} natural")
+        axes[0].plot(lams, mean("pgd"), marker="s", ls="--", label=f"x{width} PGD-20")
+        axes[1].plot(lams, mean("nbr30_natural"), marker="o", label=f"x{width} M'(x) vs M(x)")
+        axes[1].plot(lams, mean("nbr30_robust"), marker="s", ls="--", label=f"x{width} M'(x') vs M(x)")
+    for ax, title in ((axes[0], "test accuracy (%), AT + TRAIN"), (axes[1], "neighbour agreement @30 (%)")):
+        ax.set_xscale("symlog", linthresh=0.03)
+        ax.set_xlabel("lambda (0 = AT with M alongside)")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 # ------------------------------------------------------------------------------------- the time study
 def time_study(quick, passthrough, steps, warmup, log):
     """Median seconds per training step (after warm-up) of each configuration, extrapolated to an epoch
@@ -527,6 +928,8 @@ def study_list():
     lines = [f"  {name:<15} {((fn.__doc__ or '').strip().splitlines() or [''])[0]}" for name, fn in STUDIES.items()]
     lines.append(f"  {'time':<15} Table XI: seconds per step / epoch of AT, TRADES +- LBGAT / TRAIN on this device")
     lines.append(f"  {'evidence':<15} AT / TRADES +- TRAIN over 3 seeds: mean ± std, paired gains, curves (--scale cpu|gpu)")
+    lines.append(f"  {'response':<15} pre-registered: lambda on a validation split, confirmation on fresh seeds, "
+                 "capacity, mechanism (--arms)")
     return "\n".join(lines)
 
 
@@ -544,7 +947,8 @@ def main(argv=None):
     p = common.Parser(description=__doc__.splitlines()[0], epilog="studies:\n" + study_list() + "\n\nUnknown flags "
                       "(e.g. --data-file X.npz --device cpu --lr 0.05) are passed to every run of the study.",
                       formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--study", required=True, choices=sorted(list(STUDIES) + ["time", "evidence"]), help="which study")
+    p.add_argument("--study", required=True, choices=sorted(list(STUDIES) + ["time", "evidence", "response"]),
+                   help="which study")
     p.add_argument("--quick", action="store_true", help="smoke scale: cnn_small, data subset, 2 epochs (default: off)")
     p.add_argument("--dry-run", action="store_true", help="list the runs the study would make, run nothing (default: off)")
     p.add_argument("--steps-only", type=int, default=None, help="time study: timed steps (default: 10, quick 3)")
@@ -555,9 +959,15 @@ def main(argv=None):
     p.add_argument("--seeds", type=common.int_list, default=EVIDENCE_SEEDS, help="evidence study seeds (default: 1,2,3)")
     p.add_argument("--max-minutes", type=float, default=0, help="save and stop the running run after this long; "
                    "rerun to continue (default: 0 = no limit)")
+    p.add_argument("--arms", type=common.name_list(RESPONSE_ARMS), default=list(RESPONSE_ARMS),
+                   help="response study: only these arms, e.g. lambda or confirm,capacity (default: all)")
+    p.add_argument("--commit", action="store_true", help="response study: git-commit each finished run's "
+                   "results/response/<run>/ files as it finishes (default: off)")
     args, passthrough = p.parse_known_args(argv)
     log = print
     stop_after(args.max_minutes)
+    if args.study == "response":
+        return response_study(args.arms, passthrough, args.dry_run, log, args.commit)
     if args.study == "evidence":
         return evidence_study(args.scale, args.configs, args.seeds, passthrough, args.dry_run, log)
     if args.study == "time":
