@@ -76,7 +76,7 @@ def is_main():
 
 
 def setting_problem(cfg):
-    """What makes the --ddp settings unrunnable here (common.validate raises it as a UserError), or None."""
+    """What makes the --ddp settings unrunnable here (runs.validate raises it as a UserError), or None."""
     g = world_size()
     if not cfg.ddp:
         if g > 1:

@@ -21,6 +21,7 @@ import time
 import torch
 
 import common
+import runs
 import distributed
 
 DEFAULTS = dict(dataset="cifar100", method="trades", lam="20a", arch="wrn34_10")  # M: resnet18 (LBGAT: resnet18_lbgat)
@@ -64,11 +65,11 @@ def study_lambda(quick, dir_of):
 def study_std_backbone(quick, dir_of):
     """Table VII: M = ResNet-18 vs WRN-34-10, and the standard models themselves."""
     small, large = backbones(quick)
-    runs = []
+    planned = []
     for std in (small, large):
-        runs.append((f"standard training, {std}", {"method": "standard", "arch": std}, FULL_METRICS))
-        runs.append((f"TRADES + TRAIN, M = {std}", {"train": True, "std_arch": std}, FULL_METRICS))
-    return runs
+        planned.append((f"standard training, {std}", {"method": "standard", "arch": std}, FULL_METRICS))
+        planned.append((f"TRADES + TRAIN, M = {std}", {"train": True, "std_arch": std}, FULL_METRICS))
+    return planned
 
 
 def study_pretrained_std(quick, dir_of):
@@ -110,46 +111,46 @@ class Study:
     passed-through flags), the evaluation settings, and the folder its runs live in."""
 
     def __init__(self, passthrough, quick=False, defaults=DEFAULTS, root_name="ablations"):
-        self.given = common.parse_flags(defaults, passthrough)
-        actions = {f.name for f in dataclasses.fields(common.Actions)} - {"runs_dir"}
+        self.given = runs.parse_flags(defaults, passthrough)
+        actions = {f.name for f in dataclasses.fields(runs.Actions)} - {"runs_dir"}
         bad = sorted(set(self.given) & actions)
         if bad:
             raise common.UserError(f"{', '.join('--' + k.replace('_', '-') for k in bad)} cannot be passed to a study's runs")
         self.quick = quick
-        self.base = common.make_config(defaults, {**(STUDY_QUICK if quick else {}), **self.given})
+        self.base = runs.make_config(defaults, {**(STUDY_QUICK if quick else {}), **self.given})
         self.eval_given = {k: v for k, v in self.given.items()
-                           if k in {f.name for f in dataclasses.fields(common.EvalConfig)} - {"eps", "test_n"}}
+                           if k in {f.name for f in dataclasses.fields(runs.EvalConfig)} - {"eps", "test_n"}}
         self.root = os.path.join(self.given.get("runs_dir", "runs"), root_name + self.suffix())
 
     def suffix(self):
         """_quick and the passed-through settings that change every run, so studies on other settings
         or data never share a folder."""
-        kinds = {f.name: f.metadata["kind"] for f in dataclasses.fields(common.Config)}
+        kinds = {f.name: f.metadata["kind"] for f in dataclasses.fields(runs.Config)}
         parts = ["quick"] if self.quick else []
         for k, v in sorted(self.given.items()):
             if k == "data_file":
                 parts.append(f"data-file-{os.path.splitext(os.path.basename(v))[0]}")
-            elif kinds.get(k) == common.RUN and k != "quick":
-                parts.append(common.name_part(k, v))
+            elif kinds.get(k) == runs.RUN and k != "quick":
+                parts.append(runs.name_part(k, v))
         return "".join("_" + p for p in parts)
 
     def config(self, settings):
         cfg = dataclasses.replace(self.base, **settings)
-        common.validate(cfg)
+        runs.validate(cfg)
         return cfg
 
     def dir_of(self, settings):
-        """The run folder: the one naming scheme of common.run_name, against the study's base."""
-        return os.path.join(self.root, common.run_name(self.config(settings), self.base))
+        """The run folder: the one naming scheme of runs.run_name, against the study's base."""
+        return os.path.join(self.root, runs.run_name(self.config(settings), self.base))
 
     def eval_config(self, metrics, extra=None):
-        return common.EvalConfig(**{"metrics": metrics, "knn_k": BETA_KS, **(QUICK_EVAL if self.quick else {}),
+        return runs.EvalConfig(**{"metrics": metrics, "knn_k": BETA_KS, **(QUICK_EVAL if self.quick else {}),
                                     **self.eval_given, **(extra or {})})
 
 
 def check_same_settings(run_dir, cfg):
     """A folder is reused only if it holds a run with exactly these run-defining settings."""
-    saved, wanted = common.load_run_config(run_dir).run_settings(), cfg.run_settings()
+    saved, wanted = runs.load_run_config(run_dir).run_settings(), cfg.run_settings()
     diff = sorted(k for k in wanted if saved[k] != wanted[k])
     if diff:
         raise common.UserError(f"{run_dir} holds a run with other settings ({', '.join(diff)}); "
@@ -161,28 +162,28 @@ def run_and_evaluate(study, label, settings, ecfg, dry_run, log, run_dir=None, c
     or None on a dry run."""
     cfg = study.config(settings)
     run_dir = run_dir or study.dir_of(settings)
-    status = common.run_status(run_dir)
+    status = runs.run_status(run_dir)
     if os.path.isfile(os.path.join(run_dir, "config.json")):
         check_same_settings(run_dir, cfg)
     if dry_run:
-        log(f"[{status}] {label}: {' '.join(common.name_part(k, v) for k, v in settings.items())} -> {run_dir}")
+        log(f"[{status}] {label}: {' '.join(runs.name_part(k, v) for k, v in settings.items())} -> {run_dir}")
         return None
     if status != "done":
         # partial: resume (its own settings, where it runs from now); missing but the folder has files
         # (a run that diverged before its first checkpoint, same settings as checked above): start again
         resume = status == "partial"
         if resume:
-            cfg = common.resume_config(run_dir, {k: getattr(cfg, k) for k in ("device", "data_file", "data_dir")})
+            cfg = runs.resume_config(run_dir, {k: getattr(cfg, k) for k in ("device", "data_file", "data_dir")})
         try:
-            common.run(cfg, run_dir, resume=resume, overwrite=not resume and os.path.isdir(run_dir),
+            runs.run(cfg, run_dir, resume=resume, overwrite=not resume and os.path.isdir(run_dir),
                        command=f"exp_ablations.py ({label})")
         except common.Diverged as e:
             log(f"{label}: diverged ({e}); the study goes on")
             return {"failed": "diverged"}
     eval_json = os.path.join(run_dir, "eval.json")
     if not os.path.isfile(eval_json):
-        ckpt = ckpt or common.checkpoint_to_evaluate(cfg)
-        return common.evaluate_run(os.path.join(run_dir, ckpt), ecfg, run_dir)
+        ckpt = ckpt or runs.checkpoint_to_evaluate(cfg)
+        return runs.evaluate_run(os.path.join(run_dir, ckpt), ecfg, run_dir)
     with open(eval_json) as fh:
         return json.load(fh)
 
@@ -243,10 +244,10 @@ def plot_beta_sweep(rows, path):
 
 def ablation_study(name, quick, passthrough, dry_run, log):
     study = Study(passthrough, quick)
-    runs = STUDIES[name](quick, study.dir_of)
-    log(f"study {name}: {len(runs)} runs" + (" (quick)" if quick else ""))
+    planned = STUDIES[name](quick, study.dir_of)
+    log(f"study {name}: {len(planned)} runs" + (" (quick)" if quick else ""))
     rows = []
-    for label, settings, metrics in runs:
+    for label, settings, metrics in planned:
         r = run_and_evaluate(study, label, settings, study.eval_config(metrics), dry_run, log)
         if r is not None:
             rows.append((label, r))
@@ -341,8 +342,8 @@ def evidence_tables(results, labels=None, pairs=EVIDENCE_PAIRS):
     lines = ["Mean ± standard deviation over seeds (accuracies in %):", "",
              "| method | seeds | " + " | ".join(name for _, name in EVIDENCE_METRICS) + " |",
              "| --- " * (2 + len(EVIDENCE_METRICS)) + "|"]
-    for key, runs in results.items():
-        vals = [evidence_values(r) for r in runs.values()]
+    for key, by_seed in results.items():
+        vals = [evidence_values(r) for r in by_seed.values()]
         lines.append(f"| {labels[key]} | {len(vals)} | "
                      + " | ".join(mean_std([scaled(m, v[m]) for v in vals]) for m, _ in EVIDENCE_METRICS) + " |")
     gain_metrics = [(m, n) for m, n in EVIDENCE_METRICS if m not in ("test_ltp", "std_natural")]
@@ -437,15 +438,15 @@ def evidence_study(scale, configs, seeds, passthrough, dry_run, log):
             study = Study(passthrough, defaults={**DEFAULTS, **EVIDENCE_SCALES[sc]["train"]}, root_name=f"evidence_{sc}")
             for key, label, seed, settings, _ in evidence_runs(configs, seeds):
                 cfg = study.config(settings)
-                log(f"[{sc}] [{common.run_status(study.dir_of(settings))}] {label}, seed {seed}: M'={cfg.arch} "
+                log(f"[{sc}] [{runs.run_status(study.dir_of(settings))}] {label}, seed {seed}: M'={cfg.arch} "
                     f"M={common.std_arch_of(cfg)} {cfg.train_n or 'all'} train images, {cfg.epochs} epochs, PGD-{cfg.steps} "
                     f"-> {study.dir_of(settings)}")
         return None
     study = Study(passthrough, defaults={**DEFAULTS, **EVIDENCE_SCALES[scale]["train"]}, root_name=f"evidence_{scale}")
-    runs = evidence_runs(configs, seeds)
-    log(f"evidence study ({scale}): {len(runs)} runs in {study.root}")
+    planned = evidence_runs(configs, seeds)
+    log(f"evidence study ({scale}): {len(planned)} runs in {study.root}")
     results, curves = {}, {}
-    for key, label, seed, settings, metrics in runs:
+    for key, label, seed, settings, metrics in planned:
         ecfg = study.eval_config(metrics, {"knn_k": [30], **EVIDENCE_SCALES[scale]["eval"]})
         r = run_and_evaluate(study, f"{label}, seed {seed}", settings, ecfg, False, log, ckpt="last.pt")
         if "failed" in r:
@@ -507,18 +508,18 @@ def response_label(settings):
 def response_runs(arms=RESPONSE_ARMS):
     """[(arm, settings)] of the pre-registered design (settings["lam"] == PENDING until lambda* is chosen);
     a run that two arms share (same settings) is listed once, under the first."""
-    runs = []
+    planned = []
     if "lambda" in arms:
-        runs += [("lambda", response_settings("at", lam, seed=s)) for s in RESPONSE_SELECT_SEEDS
+        planned += [("lambda", response_settings("at", lam, seed=s)) for s in RESPONSE_SELECT_SEEDS
                  for lam in ("0",) + RESPONSE_LAMBDAS]
     if "confirm" in arms:
-        runs += [("confirm", response_settings(m, lam, seed=s)) for s in RESPONSE_CONFIRM_SEEDS
+        planned += [("confirm", response_settings(m, lam, seed=s)) for s in RESPONSE_CONFIRM_SEEDS
                  for m in ("at", "trades") for lam in ("0", PENDING)]
     if "capacity" in arms:
-        runs += [("capacity", response_settings("at", lam, arch, seed=s)) for s in RESPONSE_CAPACITY_SEEDS
+        planned += [("capacity", response_settings("at", lam, arch, seed=s)) for s in RESPONSE_CAPACITY_SEEDS
                  for arch in WIDTHS for lam in ("0", "5", PENDING)]
     seen, out = set(), []
-    for arm, st in runs:
+    for arm, st in planned:
         key = tuple(sorted((k, str(v)) for k, v in st.items()))
         if key not in seen:
             seen.add(key)
@@ -574,7 +575,7 @@ class ResponseStudy:
             return "waits"
         if self.saved_dir(settings):
             return "done"
-        return common.run_status(self.study.dir_of(settings))
+        return runs.run_status(self.study.dir_of(settings))
 
     def scores(self):
         """{lambda text: {seed: val_score}} of arm 1's finished runs."""
@@ -643,11 +644,11 @@ def response_study(arms, passthrough, dry_run, log, commit=False, results_root=N
     """
     rs = ResponseStudy(passthrough, results_root)
     lam_star, why = select_lambda(rs.scores())
-    runs = response_runs(arms)
+    planned = response_runs(arms)
     if dry_run:
-        log(f"response study: {len(runs)} runs; lambda*: {lam_star or 'not chosen yet'} ({why})")
+        log(f"response study: {len(planned)} runs; lambda*: {lam_star or 'not chosen yet'} ({why})")
         left = 0
-        for arm, st in runs:
+        for arm, st in planned:
             actual = rs.resolve(st, lam_star)
             status, minutes = rs.status(actual), minutes_of(arm, st)
             left += minutes if status != "done" else 0
@@ -655,9 +656,9 @@ def response_study(arms, passthrough, dry_run, log, commit=False, results_root=N
             log(f"[{status}] {arm}: {response_label(actual or st)}, seed {st['seed']}, ~{minutes} core-min -> {where}")
         log(f"remaining: ~{left} core-minutes (~{left / 120:.1f} h on 2 cores, one run per core)")
         return None
-    log(f"response study: {len(runs)} runs in {rs.study.root}; lambda*: {lam_star or 'not chosen yet'} ({why})")
+    log(f"response study: {len(planned)} runs in {rs.study.root}; lambda*: {lam_star or 'not chosen yet'} ({why})")
     waiting = []
-    for arm, st in runs:
+    for arm, st in planned:
         actual = rs.resolve(st, lam_star)
         label = f"{response_label(actual or st)}, seed {st['seed']}"
         if actual is None:
@@ -764,16 +765,16 @@ CAPACITY_METRICS = (("natural", "Natural"), ("pgd", "PGD-20"), ("aa", "AA"), ("n
 
 def capacity_table(done, lam_star):
     """Arm 3: per width, AT (+ M) vs lambda 5 vs lambda* on seeds 4-5: means and paired differences to AT."""
-    runs = {}
+    groups = {}
     for _, st, _, v in done:
         if st["method"] == "at" and st["seed"] in RESPONSE_CAPACITY_SEEDS and str(st["lam"]) in ("0", "5", lam_star):
-            runs.setdefault((WIDTHS[st["arch"]], str(st["lam"])), {})[st["seed"]] = v
+            groups.setdefault((WIDTHS[st["arch"]], str(st["lam"])), {})[st["seed"]] = v
     out = ["## Arm 3 — capacity (AT, seeds 4-5; x2 = cnn6x2)", "",
            "Means over seeds, and the paired difference to AT + M of the same width and seed (points):", "",
            "| width | lambda | seeds | " + " | ".join(n for _, n in CAPACITY_METRICS) + " | "
            + " | ".join(f"Δ {n}" for _, n in CAPACITY_METRICS) + " |", "| --- " * (3 + 2 * len(CAPACITY_METRICS)) + "|"]
-    for (width, lam), seeds in sorted(runs.items(), key=lambda kv: (kv[0][0], float(kv[0][1]))):
-        base = runs.get((width, "0"), {})
+    for (width, lam), seeds in sorted(groups.items(), key=lambda kv: (kv[0][0], float(kv[0][1]))):
+        base = groups.get((width, "0"), {})
         deltas = [mean_of([seeds[s][m] - base[s][m] for s in seeds if s in base
                            if seeds[s][m] is not None and base[s][m] is not None]) if lam != "0" else ""
                   for m, _ in CAPACITY_METRICS]
@@ -881,21 +882,21 @@ def time_steps(cfg, steps, warmup, log):
     x = torch.rand(cfg.batch_size, 3, 32, 32, device=device)
     y = torch.randint(0, 100, (cfg.batch_size,), device=device)
     per_epoch = math.ceil(50_000 / cfg.batch_size)
-    runs = {}  # label -> (config, models, optimizers); all built first so steps can be interleaved
+    built = {}  # label -> (config, models, optimizers); all built first so steps can be interleaved
     for label, method, plugins in TIME_CONFIGS:
         c = dataclasses.replace(cfg, method=method, train="train" in plugins, lbgat="lbgat" in plugins)
         models = common.accelerate(common.build_models(c, 100, device), c)  # --fast / --amp / ... as in training
         distributed.wrap(models, c)
-        runs[label] = (c, models, common.build_optimizers(models, c))
+        built[label] = (c, models, common.build_optimizers(models, c))
     x, y = distributed.shard(x), distributed.shard(y)  # --ddp: this process's part of the global batch
     if cfg.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     scaler = torch.amp.GradScaler(device.type) if cfg.amp == "fp16" else None
     # Round-robin: one step of every configuration per round, so a slow spell of a shared machine
     # slows all configurations alike instead of biasing whichever one ran during it.
-    times = {label: [] for label in runs}
+    times = {label: [] for label in built}
     for i in range(warmup + steps):
-        for label, (c, models, opts) in runs.items():
+        for label, (c, models, opts) in built.items():
             if device.type == "cuda":
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
@@ -944,7 +945,7 @@ def stop_after(minutes):
 
 def main(argv=None):
     import argparse
-    p = common.Parser(description=__doc__.splitlines()[0], epilog="studies:\n" + study_list() + "\n\nUnknown flags "
+    p = runs.Parser(description=__doc__.splitlines()[0], epilog="studies:\n" + study_list() + "\n\nUnknown flags "
                       "(e.g. --data-file X.npz --device cpu --lr 0.05) are passed to every run of the study.",
                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--study", required=True, choices=sorted(list(STUDIES) + ["time", "evidence", "response"]),
@@ -954,12 +955,12 @@ def main(argv=None):
     p.add_argument("--steps-only", type=int, default=None, help="time study: timed steps (default: 10, quick 3)")
     p.add_argument("--warmup", type=int, default=None, help="time study: warm-up steps (default: 3, quick 1)")
     p.add_argument("--scale", choices=sorted(EVIDENCE_SCALES), default="cpu", help="evidence study scale (default: cpu)")
-    p.add_argument("--configs", type=common.name_list([k for k, _, _ in EVIDENCE_CONFIGS]), default=None,
+    p.add_argument("--configs", type=runs.name_list([k for k, _, _ in EVIDENCE_CONFIGS]), default=None,
                    help="evidence study: only these configurations, e.g. at,trades_train (default: all)")
-    p.add_argument("--seeds", type=common.int_list, default=EVIDENCE_SEEDS, help="evidence study seeds (default: 1,2,3)")
+    p.add_argument("--seeds", type=runs.int_list, default=EVIDENCE_SEEDS, help="evidence study seeds (default: 1,2,3)")
     p.add_argument("--max-minutes", type=float, default=0, help="save and stop the running run after this long; "
                    "rerun to continue (default: 0 = no limit)")
-    p.add_argument("--arms", type=common.name_list(RESPONSE_ARMS), default=list(RESPONSE_ARMS),
+    p.add_argument("--arms", type=runs.name_list(RESPONSE_ARMS), default=list(RESPONSE_ARMS),
                    help="response study: only these arms, e.g. lambda or confirm,capacity (default: all)")
     p.add_argument("--commit", action="store_true", help="response study: git-commit each finished run's "
                    "results/response/<run>/ files as it finishes (default: off)")

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import common
+import runs
 import exp_ablations as ab
 from conftest import DEFAULTS, tiny_args
 
@@ -116,7 +117,7 @@ def test_study_refuses_a_folder_with_other_settings(tiny_npz, tmp_path, monkeypa
     ab.main(["--study", "lambda", "--quick", "--dry-run"] + args)  # nothing yet: fine
     st = ab.Study(args, quick=True)
     settings = {"train": True, "lam": common.Lambda.parse("0")}
-    common.run(ab.Study(args + ["--epochs", "1"], quick=True).config(settings), st.dir_of(settings))  # 1 epoch, not 2
+    runs.run(ab.Study(args + ["--epochs", "1"], quick=True).config(settings), st.dir_of(settings))  # 1 epoch, not 2
     with pytest.raises(common.UserError, match=r"other settings \(epochs\)"):
         ab.main(["--study", "lambda", "--quick", "--dry-run"] + args)
 

@@ -1,4 +1,6 @@
 """PGD: eps-ball, [0,1] box, loss increases, input-only gradients; the CW margin loss."""
+import types
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -36,7 +38,7 @@ def test_pgd_increases_loss_and_computes_no_weight_gradients():
 
 def test_training_attacks_restore_train_mode():
     model = tiny_model().train()
-    cfg = common.argparse.Namespace(eps=0.031, step_size=0.007, steps=2)
+    cfg = types.SimpleNamespace(eps=0.031, step_size=0.007, steps=2)
     x, y = torch.rand(4, 3, 16, 16), torch.randint(0, 4, (4,))
     for attack in (common.attack_ce, common.attack_kl):
         x_adv = attack(model, x, y, cfg)

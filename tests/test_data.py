@@ -9,6 +9,7 @@ import torch
 import torchvision.datasets.cifar as tv_cifar
 
 import common
+import runs
 
 DEFAULTS = dict(dataset="cifar100", method="trades", lam="20a", arch="wrn34_10", std_arch="resnet18")
 
@@ -29,7 +30,7 @@ def write_cifar100(root, rng, n_train=12, n_test=5):
 
 
 def cfg_for(*argv):
-    return common.make_config(DEFAULTS, common.parse_flags(DEFAULTS, list(argv)))
+    return runs.make_config(DEFAULTS, runs.parse_flags(DEFAULTS, list(argv)))
 
 
 def test_cifar100_folder_loads_like_the_npz_path(tmp_path, monkeypatch):

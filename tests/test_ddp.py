@@ -17,6 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import common
+import runs
 import distributed
 from conftest import DEFAULTS, tiny_args
 
@@ -89,7 +90,7 @@ def fixed_start_pgd(model, x, loss_fn, eps, step_size, steps, start="uniform"):
 
 
 def step_cfg(method, **kw):
-    cfg = common.make_config(dict(dataset="cifar10"), {"device": "cpu"})
+    cfg = runs.make_config(dict(dataset="cifar10"), {"device": "cpu"})
     cfg.method, cfg.train, cfg.lam, cfg.arch, cfg.std_arch = method, True, common.Lambda.parse("5"), "tiny_test", "tiny_test"
     cfg.steps, cfg.eps, cfg.step_size, cfg.tp_impl, cfg.ddp, cfg.lr = 3, 8 / 255, 2 / 255, "torch", True, 0.05
     for k, v in kw.items():
@@ -145,7 +146,7 @@ def _use_test_net():
 def step_worker(rank, out):
     _use_test_net()
     common.pgd = fixed_start_pgd
-    dist_cfg = common.make_config(dict(dataset="cifar10"), {"device": "cpu", "ddp": True})
+    dist_cfg = runs.make_config(dict(dataset="cifar10"), {"device": "cpu", "ddp": True})
     with distributed.process_group(dist_cfg):
         res = {"steps": {name: two_steps(cfg) for name, cfg in STEP_CASES.items()},
                "tp": {scope: tp_gradient(step_cfg("at", tp_scope=scope)) for scope in ("global", "local")}}
@@ -342,8 +343,8 @@ def test_ddp_settings_that_cannot_run_are_one_line_errors(world, flags, needle, 
 
 
 def test_ddp_settings_are_place_settings_and_tp_scope_local_is_named():
-    kinds = {f.name: f.metadata["kind"] for f in common.fields(common.Config)}
-    assert kinds["ddp"] == kinds["sync_bn"] == common.PLACE and kinds["tp_scope"] == common.RUN
-    base = common.make_config(DEFAULTS, {})
-    assert common.run_name(common.make_config(DEFAULTS, {"ddp": True}), base) == "trades"
-    assert common.run_name(common.make_config(DEFAULTS, {"tp_scope": "local"}), base) == "trades_tp-scope-local"
+    kinds = {f.name: f.metadata["kind"] for f in runs.fields(runs.Config)}
+    assert kinds["ddp"] == kinds["sync_bn"] == runs.PLACE and kinds["tp_scope"] == runs.RUN
+    base = runs.make_config(DEFAULTS, {})
+    assert runs.run_name(runs.make_config(DEFAULTS, {"ddp": True}), base) == "trades"
+    assert runs.run_name(runs.make_config(DEFAULTS, {"tp_scope": "local"}), base) == "trades_tp-scope-local"

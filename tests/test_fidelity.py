@@ -21,6 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import common
+import runs
 from conftest import DEFAULTS, ROOT, tiny_args
 
 
@@ -30,7 +31,7 @@ def fresh_seed():
 
 def cfg_of(**given):
     """The command line's Config for these flags (the settings' own defaults, as exp_cifar10.py has them)."""
-    return common.make_config({"dataset": "cifar10"}, {"device": "cpu", **given})
+    return runs.make_config({"dataset": "cifar10"}, {"device": "cpu", **given})
 
 
 def small_model(seed, num_classes=4):
@@ -210,11 +211,11 @@ def test_las_schedule_trains_and_evaluates_at_8_255(tiny_npz, tmp_path, capsys):
 # ------------------------------------------------------------------------------ 4. model selection on held-out data
 def test_old_configs_load_without_validation_split_and_with_the_first_release_baselines():
     with open(os.path.join(ROOT, "tests", "fixtures", "legacy_run", "config.json")) as fh:
-        old = common.Config.from_saved(json.load(fh)["config"])
+        old = runs.Config.from_saved(json.load(fh)["config"])
     assert (old.val_n, old.baselines, old.lbgat0) == (0, "release1", False)
     new = cfg_of()
     assert (new.val_n, new.baselines) == (1000, "official")
-    assert common.Config.from_saved(new.to_dict()) == new  # today's runs load as saved
+    assert runs.Config.from_saved(new.to_dict()) == new  # today's runs load as saved
     assert cfg_of(quick=True).val_n == 500
 
 

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import common
+import runs
 
 
 def softmax(z):
@@ -38,7 +39,7 @@ def test_mart_matches_formula():
 
 def cfg_for(method, **kw):
     """The CLI's defaults (every field the code reads), with small attacks and the given overrides."""
-    cfg = common.make_config(dict(dataset="cifar10"), {"device": "cpu"})
+    cfg = runs.make_config(dict(dataset="cifar10"), {"device": "cpu"})
     cfg.method, cfg.steps, cfg.tp_impl = method, 2, "torch"
     for k, v in kw.items():
         setattr(cfg, k, common.Lambda.parse(v) if k == "lam" else v)
@@ -215,9 +216,9 @@ def test_amp_step_keeps_losses_in_fp32(amp, monkeypatch):
 
 
 def test_fast_preset_and_explicit_flags_win():
-    cfg = common.make_config(dict(dataset="cifar10"), {"fast": True, "compile": False})
+    cfg = runs.make_config(dict(dataset="cifar10"), {"fast": True, "compile": False})
     assert (cfg.amp, cfg.channels_last, cfg.cudnn_benchmark, cfg.compile) == ("bf16", True, True, False)
-    assert common.make_config(dict(dataset="cifar10"), {}).amp == "off"
+    assert runs.make_config(dict(dataset="cifar10"), {}).amp == "off"
 
 
 def test_attacks_freeze_weights_and_restore_them():

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import common
+import runs
 from conftest import DEFAULTS, ROOT, tiny_args
 
 
@@ -123,22 +124,22 @@ def test_lock_covers_resume_overwrite_and_eval(run_copy, mode, capsys):
 
 def test_lock_is_released_when_its_holder_is_killed(tmp_path):
     folder = tmp_path / "r"
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time, common\nwith common.run_lock(sys.argv[1]):\n"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time, runs\nwith runs.run_lock(sys.argv[1]):\n"
                                "    print('held', flush=True)\n    time.sleep(120)", str(folder)],
                               cwd=ROOT, stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
         with pytest.raises(common.UserError, match=f"in use by process {holder.pid}"):
-            with common.run_lock(folder):
+            with runs.run_lock(folder):
                 pass
     finally:
         holder.kill()  # SIGKILL: no Python cleanup runs, the .lock file stays
         holder.wait()
     assert os.path.isfile(folder / ".lock")
-    with common.run_lock(folder):  # the kernel dropped the dead holder's lock
+    with runs.run_lock(folder):  # the kernel dropped the dead holder's lock
         assert (folder / ".lock").read_text().strip() == str(os.getpid())
     with pytest.raises(ValueError):  # an error inside: released too, and the empty folder goes again
-        with common.run_lock(tmp_path / "new" / "r"):
+        with runs.run_lock(tmp_path / "new" / "r"):
             raise ValueError
     assert not os.path.exists(tmp_path / "new")
 
@@ -163,7 +164,7 @@ def test_resume_after_a_kill_between_metrics_row_and_checkpoint(finished, tmp_pa
         main(tiny_args(npz, out, "--method", "at"))
     (out / ".lock").write_text("999999\n")  # kill -9 leaves the lock file (not the lock) behind
     assert [r["epoch"] for r in rows(out)] == [1, 2] and progress(out)["epoch"] == 1
-    status = common.run_status(out)  # what a study sees now
+    status = runs.run_status(out)  # what a study sees now
     monkeypatch.setattr(common, "save_checkpoint", real)
     main(["--data-file", npz, "--out", str(out), "--device", "cpu", "--resume"])
     drop = lambda r: {k: v for k, v in r.items() if k != "seconds"}
@@ -295,7 +296,7 @@ def test_every_loader_is_validated(tmp_path, monkeypatch):
     monkeypatch.setattr(tv_cifar, "check_integrity", lambda *a, **k: True)
     rng = np.random.default_rng()
     write_cifar100(tmp_path, rng)
-    cfg = common.make_config(DEFAULTS, {"dataset": "cifar100", "data_dir": str(tmp_path)})
+    cfg = runs.make_config(DEFAULTS, {"dataset": "cifar100", "data_dir": str(tmp_path)})
     assert common.load_data(cfg, "cpu").num_classes == 100
     real = common.load_torchvision
     monkeypatch.setattr(common, "load_torchvision", lambda *a: ({**real(*a)[0], "y_test": np.full(5, 100)}, real(*a)[1]))
@@ -304,7 +305,7 @@ def test_every_loader_is_validated(tmp_path, monkeypatch):
     monkeypatch.setattr(common, "load_tinyimagenet_folder", lambda root: (
         {"x_train": np.zeros((4, 8, 8, 3), np.uint8), "y_train": np.array([0, 1, 2, 3]),
          "x_test": np.zeros((2, 8, 8, 3), np.uint8), "y_test": np.array([0])}, ["a", "b", "c", "d"]))
-    cfg = common.make_config(DEFAULTS, {"dataset": "tinyimagenet", "data_dir": str(tmp_path)})
+    cfg = runs.make_config(DEFAULTS, {"dataset": "tinyimagenet", "data_dir": str(tmp_path)})
     with pytest.raises(common.UserError, match="x_test has 2 images but y_test has 1 labels"):
         common.load_data(cfg, "cpu")
 
@@ -313,7 +314,7 @@ def test_without_class_names_a_missing_class_is_a_warning(tmp_path, capsys):
     rng = np.random.default_rng()
     y_train = rng.choice([0, 1, 3], 64)  # class 2 only in the test split
     npz = make_npz(tmp_path / "d.npz", names=False, y_train=y_train, y_test=np.r_[0, 1, 2, 3, rng.integers(0, 4, 28)])
-    data = common.load_data(common.make_config(DEFAULTS, {"data_file": npz}), "cpu")
+    data = common.load_data(runs.make_config(DEFAULTS, {"data_file": npz}), "cpu")
     assert data.num_classes == 4 and data.y_train.tolist() == y_train.tolist()
     assert "classes [2] never occur in the training labels" in capsys.readouterr().out
 
@@ -401,22 +402,22 @@ def test_merge_eval_keeps_every_result():
     full = fake_result(rng, pgd=u(), cw=u(), aa=u(), aa_n=50, aa_attacks="standard",
                        knn={"natural": {"30": u()}, "robust": {"30": u()}}, knn_train_n=100, warnings=["w1"])
     nat = fake_result(rng, warnings=["w2"])
-    merged = common.merge_eval(full, nat, log=lambda m: None)
+    merged = runs.merge_eval(full, nat, log=lambda m: None)
     assert merged["natural"] == nat["natural"] and all(merged[k] == full[k] for k in ("pgd", "cw", "aa", "aa_n", "knn"))
     assert merged["worst_case"] == full["worst_case"] and merged["warnings"] == ["w1", "w2"]
     more_k = fake_result(rng, knn={"natural": {"5": u()}, "robust": {"5": u()}}, knn_train_n=100)
-    assert set(common.merge_eval(full, more_k, log=lambda m: None)["knn"]["robust"]) == {"5", "30"}
+    assert set(runs.merge_eval(full, more_k, log=lambda m: None)["knn"]["robust"]) == {"5", "30"}
     for change in ({"eps": 0.05}, {"n_test": 50}, {"epoch": 4}, {"checkpoint": "/x/run/last.pt"}, {"model": "std"},
                    {"pgd_steps": 10}, {"aa": u(), "aa_n": 100, "aa_attacks": "standard"}):
         new = fake_result(rng, **change)
         logged = []
-        merged = common.merge_eval(full, new, log=logged.append)
+        merged = runs.merge_eval(full, new, log=logged.append)
         assert merged["natural"] == new["natural"] and merged["earlier"] == [full], change
         assert "stay in 'earlier'" in logged[0]
-        assert common.merge_eval(merged, full, log=lambda m: None)["earlier"] == [full, new]  # and back again
+        assert runs.merge_eval(merged, full, log=lambda m: None)["earlier"] == [full, new]  # and back again
     again = fake_result(rng, pgd=u())
     logged = []
-    common.merge_eval(full, again, log=logged.append)  # same settings measured again: replaced, and said so
+    runs.merge_eval(full, again, log=logged.append)  # same settings measured again: replaced, and said so
     assert "measured again" in logged[0] and f"{full['pgd']:.4f} -> {again['pgd']:.4f}" in logged[0]
 
 

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 import common
+import runs
 import exp_ablations as ab
 from conftest import tiny_args
 from kernels.reference import topology_loss_reference
@@ -50,7 +51,7 @@ def test_neighbour_agreement_matches_brute_force():
 # ------------------------------------------------------------------------------ the gradient probe
 def one_state(method, lam, tp_input="adv", seed=None):
     torch.manual_seed(seed if seed is not None else random.randrange(10 ** 6))
-    cfg = common.make_config({}, {"dataset": "cifar10", "method": method, "train": True, "lam": common.Lambda.parse(lam),
+    cfg = runs.make_config({}, {"dataset": "cifar10", "method": method, "train": True, "lam": common.Lambda.parse(lam),
                                   "arch": "cnn_small", "std_arch": "cnn_small", "steps": 1, "device": "cpu",
                                   "tp_input": tp_input, "epochs": 4})
     models = common.build_models(cfg, 10, torch.device("cpu"))
@@ -93,7 +94,7 @@ def test_lam_0_train_leaves_m_prime_as_the_base_method_trains_it():
     for method in ("at", "trades"):
         seed = random.randrange(10 ** 6)
         cfg, models, _ = one_state(method, "0", seed=seed)
-        base_cfg = common.make_config({}, {**{k: getattr(cfg, k) for k in ("dataset", "method", "arch", "steps",
+        base_cfg = runs.make_config({}, {**{k: getattr(cfg, k) for k in ("dataset", "method", "arch", "steps",
                                                                             "device", "epochs")}, "train": False})
         base_adv = common.build_model(cfg.arch, 10)
         base_adv.load_state_dict(models.adv.state_dict())
@@ -132,7 +133,7 @@ def test_evaluation_reports_neighbour_agreement(tiny_npz, tmp_path):
                 prefix="t")
     res = json.load(open(tmp_path / "r" / "eval.json"))
     ck = torch.load(tmp_path / "r" / "last.pt", weights_only=False)
-    cfg = common.Config.from_saved(ck["config"])
+    cfg = runs.Config.from_saved(ck["config"])
     models = common.build_models(cfg, 4, torch.device("cpu"))
     for k, m in models.saved().items():
         m.load_state_dict(ck["models"][k])

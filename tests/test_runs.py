@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import common
+import runs
 from conftest import DEFAULTS, ROOT, tiny_args
 
 
@@ -202,10 +203,10 @@ def test_help_shows_every_flag_with_help_and_default():
     r = cli("--help")
     assert r.returncode == 0
     text = " ".join(r.stdout.split())
-    for f in [*fields(common.Config), *fields(common.EvalConfig), *fields(common.Actions)]:
+    for f in [*fields(runs.Config), *fields(runs.EvalConfig), *fields(runs.Actions)]:
         flag = "--" + f.name.replace("_", "-")
         assert flag in text, flag
-    assert text.count("(default: ") >= len({f.name for f in fields(common.Config)})
+    assert text.count("(default: ") >= len({f.name for f in fields(runs.Config)})
     assert "--lam LAM" in text and "(default: 5)" in text and "(default: wrn34_10)" in text
 
 
