@@ -800,19 +800,41 @@ def loss_standard(s, cfg):
     return {"ce_nat": F.cross_entropy(s.nat_out()[1], s.y)}
 
 
+def loss_lbgat_trades(s, cfg):
+    """TRADES + LBGAT as LBGAT released it (dvlab-research/LBGAT, lbgat.py): M''s own term is beta KL(M'(x) || M'(x'))
+    only, with no CE(M'(x), y); the CE is on M (train_step's ce_std) and plugin_lbgat adds gamma MSE(M'(x'), M(x)).
+    Total: CE(M(x), y) + gamma MSE + beta KL (lbgat.py has gamma = 1)."""
+    return {"trades_kl": cfg.beta * trades_kl(s.adv_out()[1], s.nat_out()[1])}
+
+
+def loss_lbgat0(s, cfg):
+    """LBGAT0 as released (lbgat.py with beta 0, LBGAT's sh/train_lbgat0_cifar100.sh): no term of M' besides the guidance."""
+    return {}
+
+
 @dataclass
 class Method:
-    """A base method: its training attack (model, x, y, cfg) -> x' and its loss (StepState, cfg) -> terms."""
+    """A base method: its training attack (model, x, y, cfg) -> x', its loss (StepState, cfg) -> terms of M',
+    and what varies with it. awp_gamma: --awp's default perturbation size (the AWP paper: 0.005 for TRADES,
+    0.01 for AT-style losses). lbgat: the Method that replaces it under --lbgat where LBGAT's code does (None:
+    it keeps its own loss and adds LBGAT's guidance); lbgat0: the Method of --lbgat --lbgat0 (None: refused).
+    adversarial: it trains against an attack (False: standard training, whose best.pt no PGD accuracy picks)."""
     attack: object
     loss: object
+    awp_gamma: float = 0.01
+    lbgat: "Method" = None
+    lbgat0: "Method" = None
+    adversarial: bool = True
 
 
+# LBGAT's code replaces TRADES' loss (lbgat.py) and, as LBGAT0 (lbgat.py with beta 0, so with its KL attack), AT's;
+# AT + LBGAT otherwise keeps the paper's Eq. 15 (CE on M'(x')).
 BASE_METHODS = {
-    "at": Method(attack_ce, loss_at),
-    "trades": Method(attack_kl, loss_trades),
+    "at": Method(attack_ce, loss_at, lbgat0=Method(attack_kl, loss_lbgat0)),
+    "trades": Method(attack_kl, loss_trades, awp_gamma=0.005, lbgat=Method(attack_kl, loss_lbgat_trades)),
     "alp": Method(attack_ce, loss_alp),
     "mart": Method(attack_mart, loss_mart),
-    "standard": Method(attack_none, loss_standard),
+    "standard": Method(attack_none, loss_standard, adversarial=False),
 }
 
 
@@ -952,14 +974,17 @@ def relation_tp(s, cfg):
 class Relation:
     """A relation-preserving loss usable by --train (--relation): loss(StepState, cfg) -> 0-dim tensor;
     needs_std: it compares with M (False: it looks at M' alone); heads: a class nn.Module(dim_std,
-    dim_adv) of trainable heads it needs, or None."""
+    dim_adv) of trainable heads it needs, or None; ddp: it reads its features through relation_inputs,
+    which gathers the global batch under --ddp (False: refused with --ddp)."""
     loss: object
     needs_std: bool = True
     heads: object = None
+    ddp: bool = True
 
 
-RELATION_LOSSES = {"tp": Relation(relation_tp), "rkd": Relation(relation_rkd), "crd": Relation(relation_crd, heads=CRDHeads),
-                   "mca": Relation(relation_mca, needs_std=False)}
+RELATION_LOSSES = {"tp": Relation(relation_tp), "rkd": Relation(relation_rkd),
+                   "crd": Relation(relation_crd, heads=CRDHeads, ddp=False),
+                   "mca": Relation(relation_mca, needs_std=False, ddp=False)}
 
 
 def plugin_train(s, cfg, epoch):
@@ -1029,10 +1054,8 @@ def add_into_weights(model, diff, coeff):
 
 
 def awp_gamma(cfg):
-    """AWP's perturbation size: the AWP paper's 0.005 for TRADES, 0.01 for AT-style methods."""
-    if cfg.awp_gamma is not None:
-        return cfg.awp_gamma
-    return 0.005 if cfg.method == "trades" else 0.01
+    """AWP's perturbation size: --awp-gamma, else the base method's (Method.awp_gamma)."""
+    return cfg.awp_gamma if cfg.awp_gamma is not None else BASE_METHODS[cfg.method].awp_gamma
 
 
 class AWP:
@@ -1065,30 +1088,15 @@ def plugin_lbgat(s, cfg, epoch):
     return {"lbgat_mse": cfg.gamma * F.mse_loss(s.adv_out()[1], s.std_out()[1])}
 
 
-def loss_lbgat_trades(s, cfg):
-    """TRADES + LBGAT as LBGAT released it (dvlab-research/LBGAT, lbgat.py): M''s own term is beta KL(M'(x) || M'(x'))
-    only, with no CE(M'(x), y); the CE is on M (train_step's ce_std) and plugin_lbgat adds gamma MSE(M'(x'), M(x)).
-    Total: CE(M(x), y) + gamma MSE + beta KL (lbgat.py has gamma = 1)."""
-    return {"trades_kl": cfg.beta * trades_kl(s.adv_out()[1], s.nat_out()[1])}
-
-
-def loss_lbgat0(s, cfg):
-    """LBGAT0 as released (lbgat.py with beta 0, LBGAT's sh/train_lbgat0_cifar100.sh): no term of M' besides the guidance."""
-    return {}
-
-
-# --lbgat replaces the loss of M' where LBGAT's code does: TRADES -> lbgat.py's loss, AT with --lbgat0 -> LBGAT0
-# (lbgat.py with beta 0, so with its KL attack). AT + LBGAT otherwise keeps the paper's Eq. 15 (CE on M'(x')).
-LBGAT_METHODS = {"trades": Method(attack_kl, loss_lbgat_trades), "lbgat0": Method(attack_kl, loss_lbgat0)}
-
-
 def method_of(cfg):
-    """The Method M' trains with: its base method, or LBGAT's replacement of it (LBGAT_METHODS)."""
+    """The Method M' trains with: its base method, or LBGAT's replacement of it (Method.lbgat, .lbgat0;
+    --baselines release1 keeps the base loss as this project's first release did)."""
+    base = BASE_METHODS[cfg.method]
     if cfg.lbgat and cfg.lbgat0:
-        return LBGAT_METHODS["lbgat0"]
-    if cfg.lbgat and cfg.method == "trades" and official(cfg):
-        return LBGAT_METHODS["trades"]
-    return BASE_METHODS[cfg.method]
+        return base.lbgat0
+    if cfg.lbgat and base.lbgat is not None and official(cfg):
+        return base.lbgat
+    return base
 
 
 def std_arch_of(cfg):
@@ -1354,7 +1362,8 @@ def load_std_checkpoint(models, cfg, device):
     if check_known_checkpoint(ck, cfg.std_ckpt) == "state_dict":
         state = bare_state_dict(ck)
     else:
-        state = ck["models"].get("adv" if ck["config"].get("method") == "standard" else "std")
+        trained_by = BASE_METHODS.get(ck["config"].get("method"))  # a standard run's model is its "adv" slot
+        state = ck["models"].get("adv" if trained_by is not None and not trained_by.adversarial else "std")
         if state is None:
             raise UserError(f"--std-ckpt {cfg.std_ckpt} holds no standard model")
     fit_weights(models.std, state, f"--std-ckpt {cfg.std_ckpt}", f"--std-arch {std_arch_of(cfg)}")

@@ -94,8 +94,6 @@ def setting_problem(cfg):
         return f"--tp-scope local needs >= 2 samples per process (--batch-size {cfg.batch_size}, {g} processes)"
     if cfg.awp:
         return "--awp is not built for --ddp (its proxy step is per process); train AWP runs in one process"
-    if cfg.train and cfg.relation in ("crd", "mca"):
-        return f"--relation {cfg.relation} is not built for --ddp (only tp and rkd gather the global batch)"
     if cfg.device.startswith("cuda:"):
         return "--ddp takes each process's GPU from torchrun's LOCAL_RANK: pass --device cuda, not a numbered GPU"
     if cfg.sync_bn and not cfg.device.startswith("cuda"):

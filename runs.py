@@ -31,7 +31,7 @@ from common import (AMP_DTYPES, BASE_METHODS, Diverged, EVAL_METRICS, FolderInUs
 def checkpoint_to_evaluate(cfg):
     """best.pt when it was picked on held-out training data; else last.pt (a best.pt picked on test images
     would be model selection on the test set; a standard model's PGD accuracy picks nothing useful)."""
-    return "best.pt" if cfg.val_n and cfg.method != "standard" else "last.pt"
+    return "best.pt" if cfg.val_n and BASE_METHODS[cfg.method].adversarial else "last.pt"
 
 
 def checkpoint_progress(path):
@@ -366,7 +366,7 @@ class Config:
                          "picks best.pt (0 = none: best.pt is then picked on monitored test images; evaluate last.pt)",
                          type=int)
     test_n: int = setting(0, "use the first N >= 1 test images (not given: all)", type=count_arg)
-    method: str = setting("trades", "base method (standard = natural training)", in_name=False, choices=sorted(BASE_METHODS))
+    method: str = setting("trades", "base method (standard = natural training)", in_name=False, choices=lambda: sorted(BASE_METHODS))
     baselines: str = setting("official", "training attack starts and TRADES + LBGAT's loss: official (as the authors' "
                              "code, README) or release1 (this project's first release; runs saved before this setting "
                              "existed load as release1)", choices=["official", "release1"])
@@ -377,7 +377,7 @@ class Config:
                            "attack, no CE on M') instead of the paper's Eq. 15")
     lam: Lambda = setting(Lambda.parse("5"), "lambda: a number (5) or <c>a (20a) = c * a(t), a(t) = 2/(1+exp(-10t/T)) - 1",
                           type=lam_arg)
-    relation: str = setting("tp", "relation loss used by --train (tp = L_TP)", choices=sorted(RELATION_LOSSES))
+    relation: str = setting("tp", "relation loss used by --train (tp = L_TP)", choices=lambda: sorted(RELATION_LOSSES))
     tp_input: str = setting("adv", "features of M' in L_TP: M'(x') (adv, the paper) or M'(x) (nat)", choices=["adv", "nat"])
     tp_reduction: str = setting("sum", "L_TP reduction (sum = Eq. 14; mean divides by the batch size)",
                                 choices=["sum", "mean"])
@@ -395,9 +395,9 @@ class Config:
     gamma: float = setting(1.0, "LBGAT guidance weight", type=float)
     alp_weight: float = setting(0.5, "ALP logit-pairing weight", type=float)
     arch: str = setting("wrn34_10", "adversarial model M' (with --eval of a bare state_dict: its architecture)",
-                        choices=sorted(MODELS))
+                        choices=lambda: sorted(MODELS))
     std_arch: str = setting(None, "standard model M (unset: resnet18; with --lbgat LBGAT's teacher resnet18_lbgat)",
-                            choices=sorted(MODELS))
+                            choices=lambda: sorted(MODELS))
     eps: float = setting(None, "L-inf radius, 0.031 or 8/255 (unset: from --schedule: paper 0.031, las 8/255); "
                          "with --eval: unset = the run's own", type=parse_number)
     step_size: float = setting(0.007, "training attack step", type=parse_number)
@@ -536,6 +536,8 @@ def build_parser(defaults):
             seen.add(f.name)
             default = defaults.get(f.name, f.default if f.default_factory is MISSING else f.default_factory())
             kw = dict(f.metadata["cli"])
+            if callable(kw.get("choices")):  # a registry, read now: entries an experiment script added count
+                kw["choices"] = kw["choices"]()
             if f.type is bool or f.type == "bool":
                 kw["action"] = "store_true"
             group.add_argument("--" + f.name.replace("_", "-"), dest=f.name, default=argparse.SUPPRESS,
@@ -572,7 +574,7 @@ def validate(cfg):
     for k in ("epochs", "batch_size", "eval_n"):
         if getattr(cfg, k) < 1:
             raise UserError(f"--{k.replace('_', '-')} must be >= 1")
-    validate_fidelity(cfg)
+    validate_methods(cfg)
     if cfg.batch_size < 2 and cfg.train:
         raise UserError("--batch-size must be >= 2 with --train (L_TP compares samples)")
     if not cfg.data_file and not cfg.dataset:
@@ -617,12 +619,16 @@ def check_device_and_unit(settings, unit_keys):
             raise UserError(f"--{k.replace('_', '-')} must lie in [0, 1] (inputs are in [0, 1])")
 
 
-def validate_fidelity(cfg):
-    """The settings of issue 11 that parse but cannot run."""
+def validate_methods(cfg):
+    """Combinations of a base method and its plug-ins that parse but cannot run (the records say which)."""
     if cfg.lbgat0 and not cfg.lbgat:
         raise UserError("--lbgat0 needs --lbgat (it is a variant of LBGAT)")
-    if cfg.lbgat0 and cfg.method != "at":
-        raise UserError("--lbgat0 replaces the loss of --method at (with --method trades it is --beta 0)")
+    if cfg.lbgat0 and BASE_METHODS[cfg.method].lbgat0 is None:
+        with_it = ", ".join(k for k, m in BASE_METHODS.items() if m.lbgat0 is not None)
+        raise UserError(f"--lbgat0 replaces the loss of --method {with_it} (with --method trades it is --beta 0)")
+    if cfg.ddp and cfg.train and not RELATION_LOSSES[cfg.relation].ddp:
+        ok = ", ".join(k for k, r in RELATION_LOSSES.items() if r.ddp)
+        raise UserError(f"--relation {cfg.relation} is not built for --ddp (only {ok} gather the global batch)")
     if cfg.lbgat0 and cfg.awp:
         raise UserError("--awp needs a loss of M' to ascend; --lbgat0 has none besides LBGAT's guidance")
 
