@@ -943,6 +943,15 @@ def stop_after(minutes):
         timer.start()
 
 
+def import_script(path):
+    """--extend: run an experiment script's module code (its registrations), not its __main__ block."""
+    import importlib.util
+    if not os.path.isfile(path):
+        raise common.UserError(f"--extend {path}: no such file")
+    spec = importlib.util.spec_from_file_location(os.path.splitext(os.path.basename(path))[0], path)
+    spec.loader.exec_module(importlib.util.module_from_spec(spec))
+
+
 def main(argv=None):
     import argparse
     p = runs.Parser(description=__doc__.splitlines()[0], epilog="studies:\n" + study_list() + "\n\nUnknown flags "
@@ -964,7 +973,12 @@ def main(argv=None):
                    help="response study: only these arms, e.g. lambda or confirm,capacity (default: all)")
     p.add_argument("--commit", action="store_true", help="response study: git-commit each finished run's "
                    "results/response/<run>/ files as it finishes (default: off)")
+    p.add_argument("--extend", action="append", default=[], metavar="SCRIPT.py",
+                   help="import an experiment script first, so the methods, relation losses and models it registers "
+                   "can be named in the study's flags (e.g. --extend exp_example_method.py --method at_ls)")
     args, passthrough = p.parse_known_args(argv)
+    for script in args.extend:
+        import_script(script)
     log = print
     stop_after(args.max_minutes)
     if args.study == "response":

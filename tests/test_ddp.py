@@ -19,7 +19,9 @@ import torch.nn.functional as F
 import common
 import runs
 import distributed
-from conftest import DEFAULTS, tiny_args
+from conftest import DEFAULTS, refused, tiny_args
+
+pytestmark = pytest.mark.slow  # separate processes (gloo)
 
 DEADLINE_S = 240  # a hung collective fails the test instead of hanging the suite
 
@@ -310,16 +312,6 @@ def test_a_two_rank_run_writes_one_folder_resumes_exactly_and_loads_in_one_proce
 
 # ------------------------------------------------------------------------------------- refusals
 TORCHRUN_ENV = dict(RANK="0", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT="1")
-
-
-def refused(argv, capsys):
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as e:
-        common.main(DEFAULTS, argv, prefix="test")
-    err = capsys.readouterr().err.strip()
-    assert e.value.code == 2, err
-    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
-    return err
 
 
 @pytest.mark.parametrize("world,flags,needle", [

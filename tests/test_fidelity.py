@@ -22,16 +22,11 @@ import torch.nn.functional as F
 
 import common
 import runs
-from conftest import DEFAULTS, ROOT, tiny_args
+from conftest import DEFAULTS, ROOT, make_config, tiny_args
 
 
 def fresh_seed():
     return int(np.random.SeedSequence().entropy % 2 ** 31)
-
-
-def cfg_of(**given):
-    """The command line's Config for these flags (the settings' own defaults, as exp_cifar10.py has them)."""
-    return runs.make_config({"dataset": "cifar10"}, {"device": "cpu", **given})
 
 
 def small_model(seed, num_classes=4):
@@ -80,7 +75,7 @@ def official_first_step(method, model, x, y, eps, step):
 def test_first_training_attack_step_is_the_official_one(method):
     seed = fresh_seed()
     model, (x, y) = small_model(seed), images(seed + 1)
-    cfg = cfg_of(method=method, steps=1)
+    cfg = make_config(method=method, steps=1)
     torch.manual_seed(seed)
     want = official_first_step(method, model, x, y, cfg.eps, cfg.step_size)
     torch.manual_seed(seed)
@@ -119,7 +114,7 @@ def reference_grads(loss, adv, std):
 
 
 def lbgat_case(seed, **flags):
-    cfg = cfg_of(lbgat=True, steps=0, **flags)
+    cfg = make_config(lbgat=True, steps=0, **flags)
     adv, std = small_model(seed).train(), small_model(seed + 1).train()
     ref_adv, ref_std = copy.deepcopy(adv), copy.deepcopy(std)
     x, y = images(seed + 2)
@@ -174,14 +169,15 @@ def test_first_release_lbgat_loss_kept_for_its_runs():
 
 
 def test_lbgat_teacher_is_resnet18_lbgat_unless_given():
-    cfg = cfg_of(lbgat=True, arch="cnn_small")
+    cfg = make_config(lbgat=True, arch="cnn_small")
     assert common.std_arch_of(cfg) == "resnet18_lbgat"
     std = common.build_models(cfg, 10, torch.device("cpu")).std
     assert [s[0].conv1.stride for s in (std.layer1, std.layer2, std.layer3, std.layer4)] == [(1, 1), (1, 1), (2, 2), (2, 2)]
-    assert common.std_arch_of(cfg_of(train=True)) == "resnet18"
-    assert common.std_arch_of(cfg_of(lbgat=True, std_arch="resnet18")) == "resnet18"
+    assert common.std_arch_of(make_config(train=True)) == "resnet18"
+    assert common.std_arch_of(make_config(lbgat=True, std_arch="resnet18")) == "resnet18"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("flags,needle", [(["--lbgat0"], "--lbgat0 needs --lbgat"),
                                           (["--lbgat", "--lbgat0", "--method", "trades"], "--method at"),
                                           (["--val-n", "64"], "--val-n 64 leaves no training images")])
@@ -195,9 +191,9 @@ def test_bad_combinations_exit_2_with_one_line(flags, needle, tiny_npz, tmp_path
 
 # ------------------------------------------------------------------------------ 3. LAS schedule
 def test_las_schedule_trains_and_evaluates_at_8_255(tiny_npz, tmp_path, capsys):
-    assert cfg_of(schedule="las").eps == pytest.approx(8 / 255)
-    assert cfg_of(schedule="las", eps=0.031).eps == 0.031  # an explicit --eps wins
-    assert cfg_of().eps == 0.031
+    assert make_config(schedule="las").eps == pytest.approx(8 / 255)
+    assert make_config(schedule="las", eps=0.031).eps == 0.031  # an explicit --eps wins
+    assert make_config().eps == 0.031
     out = tmp_path / "las"
     common.main(DEFAULTS, tiny_args(tiny_npz, out, "--schedule", "las", "--epochs", "1", "--method", "at"), prefix="t")
     assert json.load(open(out / "config.json"))["config"]["eps"] == pytest.approx(8 / 255)
@@ -213,10 +209,10 @@ def test_old_configs_load_without_validation_split_and_with_the_first_release_ba
     with open(os.path.join(ROOT, "tests", "fixtures", "legacy_run", "config.json")) as fh:
         old = runs.Config.from_saved(json.load(fh)["config"])
     assert (old.val_n, old.baselines, old.lbgat0) == (0, "release1", False)
-    new = cfg_of()
+    new = make_config()
     assert (new.val_n, new.baselines) == (1000, "official")
     assert runs.Config.from_saved(new.to_dict()) == new  # today's runs load as saved
-    assert cfg_of(quick=True).val_n == 500
+    assert make_config(quick=True).val_n == 500
 
 
 def test_validation_split_is_held_out_and_monitored(tiny_npz, tmp_path, monkeypatch):
@@ -315,7 +311,7 @@ class RobustBenchWideResNet(nn.Module):
 
 def run_checkpoint(path, model, arch):
     """A checkpoint as train() writes it, holding `model` as M'."""
-    cfg = cfg_of(arch=arch)
+    cfg = make_config(arch=arch)
     torch.save({"models": {"adv": model.state_dict()}, "optimizers": {}, "progress": {"epoch": 3, "step": 0, "sums": {},
                 "best": 0.0}, "rng": None, "config": cfg.to_dict()}, path)
 
@@ -361,6 +357,7 @@ def test_eval_of_a_bare_state_dict_with_normalisation(wrap, tiny_npz, tmp_path):
     assert res["selection"] == "state_dict" and res["arch"] == "cnn_small" and res["eps"] == pytest.approx(0.031)
 
 
+@pytest.mark.slow
 def test_checkpoint_kind_and_bad_state_dicts(tmp_path, tiny_npz, capsys):
     state = common.build_model("cnn_small", 4).state_dict()
     run_checkpoint(tmp_path / "last.pt", common.build_model("cnn_small", 4), "cnn_small")

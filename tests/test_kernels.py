@@ -37,6 +37,8 @@ from kernels import topology_loss as dispatch  # noqa: E402
 from kernels.reference import topology_loss_reference  # noqa: E402
 import kernels.fused as tk  # noqa: E402
 
+pytestmark = pytest.mark.slow  # the kernel grid runs under the Triton interpreter on a CPU
+
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
 cuda_only = pytest.mark.skipif(not CUDA, reason="needs CUDA")

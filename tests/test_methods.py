@@ -8,6 +8,7 @@ import torch
 
 import common
 import runs
+from conftest import make_config
 
 
 def softmax(z):
@@ -39,11 +40,7 @@ def test_mart_matches_formula():
 
 def cfg_for(method, **kw):
     """The CLI's defaults (every field the code reads), with small attacks and the given overrides."""
-    cfg = runs.make_config(dict(dataset="cifar10"), {"device": "cpu"})
-    cfg.method, cfg.steps, cfg.tp_impl = method, 2, "torch"
-    for k, v in kw.items():
-        setattr(cfg, k, common.Lambda.parse(v) if k == "lam" else v)
-    return cfg
+    return make_config(**{"method": method, "steps": 2, "tp_impl": "torch", **kw})
 
 
 def test_alp_terms_hand_case():

@@ -16,48 +16,15 @@ import torch
 
 import common
 import runs
-from conftest import DEFAULTS, ROOT, tiny_args
-
-
-def main(argv):
-    return common.main(DEFAULTS, argv, prefix="test")
-
-
-def refused(argv, capsys):
-    """main(argv) must exit 2 with one line on stderr; -> that line."""
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as e:
-        main(argv)
-    err = capsys.readouterr().err.strip()
-    assert e.value.code == 2, err
-    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
-    return err
-
-
-def cli(*args, **kw):
-    return subprocess.run([sys.executable, "exp_cifar10.py", *args], cwd=ROOT, capture_output=True, text=True, **kw)
-
-
-def make_npz(path, n_train=64, n_test=32, classes=4, names=True, **override):
-    """Fresh random 16x16 images and labels (every class in the training set); override replaces arrays."""
-    rng = np.random.default_rng()
-    y_tr, y_te = rng.integers(0, classes, n_train), rng.integers(0, classes, n_test)
-    y_tr[:classes] = np.arange(classes)
-    arrays = {"x_train": rng.integers(0, 256, (n_train, 16, 16, 3), dtype=np.uint8), "y_train": y_tr,
-              "x_test": rng.integers(0, 256, (n_test, 16, 16, 3), dtype=np.uint8), "y_test": y_te}
-    arrays.update(override)
-    if names:
-        arrays["class_names"] = np.array([f"c{i}" for i in range(classes)])
-    np.savez(path, **arrays)
-    return str(path)
+from conftest import DEFAULTS, ROOT, cli, read_rows, refused, run_main, tiny_args, write_npz
 
 
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory):
     """One finished 2-epoch run (vanilla AT, cnn_small) and its data; tests work on copies (run_copy)."""
     d = tmp_path_factory.mktemp("finished")
-    npz = make_npz(d / "data.npz")
-    main(tiny_args(npz, d / "run", "--method", "at"))
+    npz = write_npz(d / "data.npz")
+    run_main(tiny_args(npz, d / "run", "--method", "at"))
     return npz, d / "run"
 
 
@@ -66,11 +33,6 @@ def run_copy(finished, tmp_path):
     npz, src = finished
     shutil.copytree(src, tmp_path / "run")
     return npz, tmp_path / "run"
-
-
-def rows(run_dir):
-    with open(os.path.join(run_dir, "metrics.jsonl")) as fh:
-        return [json.loads(line) for line in fh]
 
 
 def hold_lock(folder):
@@ -92,6 +54,7 @@ def snapshot(folder):
 
 
 # ------------------------------------------------------------------------------------- run folders
+@pytest.mark.slow
 def test_a_second_process_is_locked_out_of_a_run_folder(finished, tmp_path):
     """Two runs with the same --out at the same moment: the second gets one line naming the holder."""
     npz, _ = finished
@@ -122,6 +85,7 @@ def test_lock_covers_resume_overwrite_and_eval(run_copy, mode, capsys):
     assert snapshot(out) == before
 
 
+@pytest.mark.slow
 def test_lock_is_released_when_its_holder_is_killed(tmp_path):
     folder = tmp_path / "r"
     holder = subprocess.Popen([sys.executable, "-c", "import sys, time, runs\nwith runs.run_lock(sys.argv[1]):\n"
@@ -145,7 +109,7 @@ def test_lock_is_released_when_its_holder_is_killed(tmp_path):
 
 
 class Killed(BaseException):
-    """What kill -9 does to the loop: nothing after it runs (main() catches no BaseException)."""
+    """What kill -9 does to the loop: nothing after it runs (run_main() catches no BaseException)."""
 
 
 def test_resume_after_a_kill_between_metrics_row_and_checkpoint(finished, tmp_path, monkeypatch):
@@ -161,14 +125,14 @@ def test_resume_after_a_kill_between_metrics_row_and_checkpoint(finished, tmp_pa
         return real(path, models, opts, progress, cfg, scaler)
     monkeypatch.setattr(common, "save_checkpoint", dying)
     with pytest.raises(Killed):
-        main(tiny_args(npz, out, "--method", "at"))
+        run_main(tiny_args(npz, out, "--method", "at"))
     (out / ".lock").write_text("999999\n")  # kill -9 leaves the lock file (not the lock) behind
-    assert [r["epoch"] for r in rows(out)] == [1, 2] and progress(out)["epoch"] == 1
+    assert [r["epoch"] for r in read_rows(out)] == [1, 2] and progress(out)["epoch"] == 1
     status = runs.run_status(out)  # what a study sees now
     monkeypatch.setattr(common, "save_checkpoint", real)
-    main(["--data-file", npz, "--out", str(out), "--device", "cpu", "--resume"])
+    run_main(["--data-file", npz, "--out", str(out), "--device", "cpu", "--resume"])
     drop = lambda r: {k: v for k, v in r.items() if k != "seconds"}
-    assert [drop(r) for r in rows(out)] == [drop(r) for r in rows(full)]  # epochs 1, 2 once, as uninterrupted
+    assert [drop(r) for r in read_rows(out)] == [drop(r) for r in read_rows(full)]  # epochs 1, 2 once, as uninterrupted
     assert not [f for f in os.listdir(out) if ".tmp" in f]
     assert status == "partial"  # epoch 2's row did not make the run look finished
 
@@ -181,7 +145,7 @@ def test_a_start_that_fails_leaves_no_run_folder(case, finished, tmp_path, capsy
     extra = {"batch larger than the data": ["--batch-size", "100"],
              "missing std checkpoint": ["--train", "--std-ckpt", str(tmp_path / "nothing.pt")]}.get(case, [])
     if case == "label = class count":
-        npz = make_npz(tmp_path / "bad.npz", y_test=np.full(32, 4))
+        npz = write_npz(tmp_path / "bad.npz", y_test=np.full(32, 4))
     if case == "existing empty folder":
         os.makedirs(out)
         extra = ["--batch-size", "100"]
@@ -190,9 +154,10 @@ def test_a_start_that_fails_leaves_no_run_folder(case, finished, tmp_path, capsy
         assert os.listdir(out) == []
     else:
         assert not os.path.exists(tmp_path / "a")
-    main(tiny_args(make_npz(tmp_path / "good.npz"), out, "--method", "at", "--epochs", "1"))  # the command now works
+    run_main(tiny_args(write_npz(tmp_path / "good.npz"), out, "--method", "at", "--epochs", "1"))  # the command now works
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_a_signal_saves_a_checkpoint_and_exits_128_plus_its_number(sig, finished, tmp_path):
     npz, _ = finished
@@ -216,7 +181,7 @@ def test_resume_of_a_finished_run_says_so_and_exits_0(run_copy, capsys):
     npz, out = run_copy
     before = snapshot(out)
     capsys.readouterr()
-    main(["--data-file", npz, "--out", str(out), "--device", "cpu", "--resume"])  # no SystemExit: exit code 0
+    run_main(["--data-file", npz, "--out", str(out), "--device", "cpu", "--resume"])  # no SystemExit: exit code 0
     assert "already finished (2 epochs)" in capsys.readouterr().out
     assert snapshot(out) == before
 
@@ -228,7 +193,7 @@ def test_resume_refuses_flags_that_change_the_run_but_not_where_it_runs(run_copy
     err = refused(["--data-file", npz, "--out", str(out), "--resume", *flag], capsys)
     assert f"{flag[0]} " in err and "would change the run" in err
     moved = shutil.copy(npz, str(out.parent / "moved.npz"))  # --device and --data-file may change
-    main(["--data-file", moved, "--out", str(out), "--device", "cpu", "--resume"])
+    run_main(["--data-file", moved, "--out", str(out), "--device", "cpu", "--resume"])
 
 
 def unwritable(folder):
@@ -246,6 +211,7 @@ def limit_file_size():  # a full disk, as a process sees it: writes past 1 KiB f
     resource.setrlimit(resource.RLIMIT_FSIZE, (1024, 1024))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("what", ["train", "eval"])
 @pytest.mark.parametrize("how", ["read-only", "full"])
 def test_an_unwritable_folder_is_refused_before_any_work(run_copy, tmp_path, what, how):
@@ -284,7 +250,7 @@ BAD_DATA = {  # case -> (arrays that replace good ones, whether class_names are 
 @pytest.mark.parametrize("case", sorted(BAD_DATA))
 def test_bad_labels_and_shapes_are_refused_at_load(case, tmp_path, capsys):
     arrays, names, needle = BAD_DATA[case]
-    npz = make_npz(tmp_path / "bad.npz", names=names, **arrays(np.random.default_rng()))
+    npz = write_npz(tmp_path / "bad.npz", names=names, **arrays(np.random.default_rng()))
     err = refused(tiny_args(npz, tmp_path / "r", "--method", "at"), capsys)
     assert needle in err
     assert not os.path.exists(tmp_path / "r")
@@ -313,7 +279,7 @@ def test_every_loader_is_validated(tmp_path, monkeypatch):
 def test_without_class_names_a_missing_class_is_a_warning(tmp_path, capsys):
     rng = np.random.default_rng()
     y_train = rng.choice([0, 1, 3], 64)  # class 2 only in the test split
-    npz = make_npz(tmp_path / "d.npz", names=False, y_train=y_train, y_test=np.r_[0, 1, 2, 3, rng.integers(0, 4, 28)])
+    npz = write_npz(tmp_path / "d.npz", names=False, y_train=y_train, y_test=np.r_[0, 1, 2, 3, rng.integers(0, 4, 28)])
     data = common.load_data(runs.make_config(DEFAULTS, {"data_file": npz}), "cpu")
     assert data.num_classes == 4 and data.y_train.tolist() == y_train.tolist()
     assert "classes [2] never occur in the training labels" in capsys.readouterr().out
@@ -366,22 +332,22 @@ def test_eval_refuses_bad_numbers_and_flags_it_cannot_apply(run_copy, flags, nee
 def test_eval_merges_per_metric_and_regenerates_results_md(run_copy, capsys):
     _, out = run_copy
     ev = ["--eval", str(out / "last.pt"), "--eval-steps", "2", "--knn-k", "1"]
-    main(ev + ["--metrics", "nat,pgd,cw,knn"])
+    run_main(ev + ["--metrics", "nat,pgd,cw,knn"])
     first = json.load(open(out / "eval.json"))
-    main(ev + ["--metrics", "nat"])  # used to replace eval.json: PGD, CW, kNN gone
+    run_main(ev + ["--metrics", "nat"])  # used to replace eval.json: PGD, CW, kNN gone
     res = json.load(open(out / "eval.json"))
     for k in ("pgd", "cw", "knn", "worst_case"):
         assert res[k] == first[k], k
     assert res["natural"] == first["natural"] and "earlier" not in res
     assert len((out / "results.md").read_text().splitlines()) == 1  # regenerated, not appended
-    main(ev + ["--metrics", "nat,pgd", "--eps", "0.05"])  # other settings: a new row, the old one kept
+    run_main(ev + ["--metrics", "nat,pgd", "--eps", "0.05"])  # other settings: a new row, the old one kept
     res = json.load(open(out / "eval.json"))
     assert res["eps"] == 0.05 and "cw" not in res and res["earlier"][0]["cw"] == first["cw"]
-    main(ev + ["--metrics", "nat", "--eps", "0.05"])
+    run_main(ev + ["--metrics", "nat", "--eps", "0.05"])
     md = (out / "results.md").read_text().splitlines()
     assert len(md) == 2 and f"| {0.031 * 255:.2f}/255 |" in md[0] and "| 12.75/255 |" in md[1]
     capsys.readouterr()
-    main(["--table", str(out)])  # --table: the current row
+    run_main(["--table", str(out)])  # --table: the current row
     assert "| 12.75/255 |" in capsys.readouterr().out
 
 
@@ -423,7 +389,7 @@ def test_merge_eval_keeps_every_result():
 
 def test_eval_honours_test_n_and_the_row_says_n(run_copy):
     _, out = run_copy
-    main(["--eval", str(out / "last.pt"), "--metrics", "nat", "--test-n", "8"])
+    run_main(["--eval", str(out / "last.pt"), "--metrics", "nat", "--test-n", "8"])
     res = json.load(open(out / "eval.json"))
     assert res["n_test"] == 8
     assert "n=8" in (out / "results.md").read_text().split("|")[1]
@@ -431,7 +397,7 @@ def test_eval_honours_test_n_and_the_row_says_n(run_copy):
 
 def test_aa_on_a_subset_stores_natural_and_pgd_on_it_and_the_row_says_each_n(run_copy):
     npz, out = run_copy
-    main(["--eval", str(out / "last.pt"), "--metrics", "nat,aa", "--aa-n", "8", "--aa-attacks", "apgd-ce",
+    run_main(["--eval", str(out / "last.pt"), "--metrics", "nat,aa", "--aa-n", "8", "--aa-attacks", "apgd-ce",
           "--eval-steps", "2"])
     res = json.load(open(out / "eval.json"))
     model = common.build_model("cnn_small", 4)
@@ -470,6 +436,6 @@ def test_foreign_checkpoints_are_one_line_errors(run_copy, case, needle, tmp_pat
         torch.save({**ck, "config": {**ck["config"], "arch": "cnn6"}}, path)
     else:
         torch.save(ck, path)
-        extra = ["--data-file", make_npz(tmp_path / "six.npz", classes=6)]
+        extra = ["--data-file", write_npz(tmp_path / "six.npz", classes=6)]
     assert needle in refused(["--eval", str(path), "--device", "cpu", *extra], capsys)
     assert not os.path.exists(tmp_path / "eval.json")

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 import common
 import runs
 import exp_ablations as ab
-from conftest import tiny_args
+from conftest import DEFAULTS, make_config, tiny_args
 from kernels.reference import topology_loss_reference
 
 
@@ -51,9 +51,8 @@ def test_neighbour_agreement_matches_brute_force():
 # ------------------------------------------------------------------------------ the gradient probe
 def one_state(method, lam, tp_input="adv", seed=None):
     torch.manual_seed(seed if seed is not None else random.randrange(10 ** 6))
-    cfg = runs.make_config({}, {"dataset": "cifar10", "method": method, "train": True, "lam": common.Lambda.parse(lam),
-                                  "arch": "cnn_small", "std_arch": "cnn_small", "steps": 1, "device": "cpu",
-                                  "tp_input": tp_input, "epochs": 4})
+    cfg = make_config(method=method, train=True, lam=lam, arch="cnn_small", std_arch="cnn_small", steps=1,
+                      tp_input=tp_input, epochs=4)
     models = common.build_models(cfg, 10, torch.device("cpu"))
     x, y = torch.rand(12, 3, 16, 16), torch.randint(0, 10, (12,))
     x_adv = (x + 0.03 * torch.randn_like(x)).clamp(0, 1)
@@ -94,8 +93,7 @@ def test_lam_0_train_leaves_m_prime_as_the_base_method_trains_it():
     for method in ("at", "trades"):
         seed = random.randrange(10 ** 6)
         cfg, models, _ = one_state(method, "0", seed=seed)
-        base_cfg = runs.make_config({}, {**{k: getattr(cfg, k) for k in ("dataset", "method", "arch", "steps",
-                                                                            "device", "epochs")}, "train": False})
+        base_cfg = make_config(**{k: getattr(cfg, k) for k in ("method", "arch", "steps", "epochs")})
         base_adv = common.build_model(cfg.arch, 10)
         base_adv.load_state_dict(models.adv.state_dict())
         std_before = {k: v.clone() for k, v in models.std.state_dict().items()}
@@ -113,7 +111,6 @@ def test_lam_0_train_leaves_m_prime_as_the_base_method_trains_it():
 
 
 def test_a_run_logs_the_gradient_share_per_epoch(tiny_npz, tmp_path):
-    from conftest import DEFAULTS
     common.main(DEFAULTS, tiny_args(tiny_npz, tmp_path / "r", "--method", "at", "--train", "--lam", "2",
                                     "--batch-size", "8"), prefix="t")
     rows = [json.loads(l) for l in open(tmp_path / "r" / "metrics.jsonl")]
@@ -127,7 +124,6 @@ def test_a_run_logs_the_gradient_share_per_epoch(tiny_npz, tmp_path):
 
 
 def test_evaluation_reports_neighbour_agreement(tiny_npz, tmp_path):
-    from conftest import DEFAULTS
     common.main(DEFAULTS, tiny_args(tiny_npz, tmp_path / "r", "--method", "at", "--train", "--lam", "0"), prefix="t")
     common.main(DEFAULTS, ["--eval", str(tmp_path / "r" / "last.pt"), "--metrics", "nat,nbr", "--nbr-k", "3,7"],
                 prefix="t")
@@ -191,6 +187,7 @@ def tiny_study(monkeypatch, tiny_npz):
     monkeypatch.setattr(ab, "RESPONSE_MINUTES", {("at", 1, "lambda"): 1, ("at", 1, "full"): 1, ("at", 2, "full"): 2})
 
 
+@pytest.mark.slow
 def test_study_runs_keeps_results_and_rebuilds_from_them(tiny_npz, tmp_path, monkeypatch, capsys):
     tiny_study(monkeypatch, tiny_npz)
     runs_dir, results = tmp_path / "runs", tmp_path / "results"

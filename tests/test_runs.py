@@ -1,8 +1,6 @@
 """Whole runs on a tiny generated data set: files, exact resume, NaN stop, bad input -> exit 2."""
 import json
 import os
-import subprocess
-import sys
 from dataclasses import fields
 
 import numpy as np
@@ -11,11 +9,7 @@ import torch
 
 import common
 import runs
-from conftest import DEFAULTS, ROOT, tiny_args
-
-
-def run(argv):
-    return common.main(DEFAULTS, argv, prefix="test")
+from conftest import ROOT, cli, run_main, tiny_args
 
 
 def weights(run_dir):
@@ -25,7 +19,7 @@ def weights(run_dir):
 
 def test_run_writes_its_files(tiny_npz, tmp_path):
     out = tmp_path / "r"
-    run(tiny_args(tiny_npz, out, "--method", "at", "--train", "--lam", "20a"))
+    run_main(tiny_args(tiny_npz, out, "--method", "at", "--train", "--lam", "20a"))
     assert {"config.json", "metrics.jsonl", "log.txt", "last.pt", "best.pt"} <= set(os.listdir(out))
     cfg = json.load(open(out / "config.json"))
     assert cfg["config"]["lam"] == "20a" and cfg["versions"]["torch"] == torch.__version__ and "git_commit" in cfg
@@ -42,7 +36,7 @@ def test_run_writes_its_files(tiny_npz, tmp_path):
 @pytest.mark.parametrize("stop_after", [3, 4])  # mid-epoch, and at the end of epoch 1 (4 steps per epoch)
 def test_resume_reproduces_uninterrupted_run(tiny_npz, tmp_path, monkeypatch, stop_after):
     extra = ("--method", "trades", "--train", "--lbgat")
-    run(tiny_args(tiny_npz, tmp_path / "full", *extra))
+    run_main(tiny_args(tiny_npz, tmp_path / "full", *extra))
     calls = {"n": 0}
     real_step = common.train_step
 
@@ -53,12 +47,12 @@ def test_resume_reproduces_uninterrupted_run(tiny_npz, tmp_path, monkeypatch, st
         return real_step(*a, **kw)
     monkeypatch.setattr(common, "train_step", interrupting_step)
     with pytest.raises(SystemExit) as e:  # an interrupted run exits 130, as a shell does after Ctrl-C
-        run(tiny_args(tiny_npz, tmp_path / "cut", *extra))
+        run_main(tiny_args(tiny_npz, tmp_path / "cut", *extra))
     assert e.value.code == 130
     progress = weights(tmp_path / "cut")[2]
     assert (progress["epoch"], progress["step"]) == ((0, 3) if stop_after == 3 else (1, 0))
     monkeypatch.setattr(common, "train_step", real_step)
-    run(tiny_args(tiny_npz, tmp_path / "cut", "--resume", *extra))
+    run_main(tiny_args(tiny_npz, tmp_path / "cut", "--resume", *extra))
     full, cut = weights(tmp_path / "full"), weights(tmp_path / "cut")
     for k in full[0]:
         for name, v in full[0][k].items():
@@ -86,17 +80,14 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_npz, tmp_path, monke
         return real_eval(*a, **kw)
     monkeypatch.setattr(common, "epoch_eval", eval_then_poison)
     with pytest.raises(SystemExit) as e:
-        run(tiny_args(tiny_npz, tmp_path / "nan", "--method", "at"))
+        run_main(tiny_args(tiny_npz, tmp_path / "nan", "--method", "at"))
     assert e.value.code == 1
     assert weights(tmp_path / "nan")[2]["epoch"] == 1
     with open(tmp_path / "nan" / "log.txt") as fh:
         assert f"epoch 2 (terms ['ce_adv']); lower --lr or --lam; the last good checkpoint is {tmp_path / 'nan' / 'last.pt'}" in fh.read()
 
 
-def cli(*args, cwd=ROOT):
-    return subprocess.run([sys.executable, "exp_cifar10.py", *args], cwd=cwd, capture_output=True, text=True)
-
-
+@pytest.mark.slow
 @pytest.mark.parametrize("args,needle", [
     (["--method", "fgsm"], "invalid choice"),
     (["--arch", "vgg"], "invalid choice"),
@@ -111,6 +102,7 @@ def test_bad_input_exits_2_with_one_line(args, needle, tmp_path):
     assert not os.path.exists(tmp_path / "x")  # nothing is written for bad input
 
 
+@pytest.mark.slow
 def test_existing_run_dir_is_not_overwritten(tiny_npz, tmp_path):
     out = tmp_path / "exists"
     out.mkdir()
@@ -172,14 +164,14 @@ def test_a_run_folder_of_the_first_release_resumes_exactly_and_evaluates(tiny_np
     import shutil
     shutil.copytree(LEGACY, old)
     assert json.load(open(old / "config.json"))["config"]["_data_file_given"]  # really the old format
-    run(["--data-file", tiny_npz, "--out", str(old), "--device", "cpu", "--resume"])
+    run_main(["--data-file", tiny_npz, "--out", str(old), "--device", "cpu", "--resume"])
     fresh = tmp_path / "fresh"  # today's folder, then the fixture's epoch-1 state put into its last.pt
-    run(["--data-file", tiny_npz, "--out", str(fresh), "--device", "cpu", *LEGACY_ARGS])
+    run_main(["--data-file", tiny_npz, "--out", str(fresh), "--device", "cpu", *LEGACY_ARGS])
     today = torch.load(fresh / "last.pt", weights_only=False)
     legacy = torch.load(os.path.join(LEGACY, "last.pt"), weights_only=False)
     torch.save({**today, **{k: legacy[k] for k in ("models", "optimizers", "progress", "rng")}}, fresh / "last.pt")
     shutil.copyfile(os.path.join(LEGACY, "metrics.jsonl"), fresh / "metrics.jsonl")
-    run(["--data-file", tiny_npz, "--out", str(fresh), "--device", "cpu", "--resume"])
+    run_main(["--data-file", tiny_npz, "--out", str(fresh), "--device", "cpu", "--resume"])
     (m_old, o_old, p_old), (m_new, o_new, p_new) = weights(old), weights(fresh)
     assert p_old["epoch"] == p_new["epoch"] == 2
     for k in m_new:
@@ -192,13 +184,14 @@ def test_a_run_folder_of_the_first_release_resumes_exactly_and_evaluates(tiny_np
     drop = lambda r: {k: v for k, v in r.items() if k != "seconds"}
     rows_old = [drop(json.loads(l)) for l in open(old / "metrics.jsonl")]
     assert len(rows_old) == 2 and rows_old == [drop(json.loads(l)) for l in open(fresh / "metrics.jsonl")]
-    run(["--eval", str(old / "last.pt"), "--data-file", tiny_npz, "--device", "cpu", "--metrics", "nat,pgd,tp",
+    run_main(["--eval", str(old / "last.pt"), "--data-file", tiny_npz, "--device", "cpu", "--metrics", "nat,pgd,tp",
          "--eval-steps", "2"])
     res = json.load(open(old / "eval.json"))
     assert res["epoch"] == 2 and 0 <= res["natural"] <= 1 and res["eps"] == pytest.approx(0.031)
     assert "test_ltp" in res and "std_natural" in res
 
 
+@pytest.mark.slow
 def test_help_shows_every_flag_with_help_and_default():
     r = cli("--help")
     assert r.returncode == 0
@@ -210,9 +203,10 @@ def test_help_shows_every_flag_with_help_and_default():
     assert "--lam LAM" in text and "(default: 5)" in text and "(default: wrn34_10)" in text
 
 
+@pytest.mark.slow
 def test_resume_refuses_flags_that_change_the_run(tiny_npz, tmp_path):
     out = tmp_path / "r"
-    run(tiny_args(tiny_npz, out, "--method", "at", "--epochs", "1"))
+    run_main(tiny_args(tiny_npz, out, "--method", "at", "--epochs", "1"))
     r = cli("--data-file", tiny_npz, "--out", str(out), "--device", "cpu", "--resume", "--lr", "0.05")
     assert r.returncode == 2 and "--lr 0.05 would change the run" in r.stderr and len(r.stderr.strip().splitlines()) == 1
     r = cli("--eval", str(out / "last.pt"), "--arch", "resnet18")
