@@ -1,16 +1,18 @@
-"""TRAIN (Topology-pReserving Adversarial traINing): the shared core.
+"""TRAIN (Topology-pReserving Adversarial traINing): the research core, in the order of the paper.
 
-Sections, in the order data flows (search for the banner "# N. name"):
-  1. data        load_npz, load_torchvision, load_tinyimagenet_folder, epoch_plan, augment
-  2. models      CNNSmall, ResNet (resnet18, resnet18_lbgat, preact_resnet18), WideResNet (wrn34_10),
+Sections (search for the banner "# N. name"):
+  1. data        load_npz, load_torchvision, load_tinyimagenet_folder (tinyimagenet.py), epoch_plan, augment
+  2. models      CNNSmall, CNN6, ResNet (resnet18, resnet18_lbgat, preact_resnet18), WideResNet (wrn34_10),
                  MobileNetV3; registry MODELS
   3. attacks     pgd (one PGD over a loss of the logits): ce_sum, kl_to_clean, cw_margin; attack_ce, attack_kl
-  4. losses      loss_at, loss_trades, loss_alp, loss_mart, loss_standard -> BASE_METHODS;
-                 plugin_train (L_TP and the other RELATION_LOSSES), plugin_lbgat -> PLUGINS; AWP
+  4. losses      loss_at, loss_trades, loss_alp, loss_mart, loss_standard -> BASE_METHODS (records: Method);
+                 plugin_train (L_TP and the other RELATION_LOSSES), plugin_lbgat -> PLUGINS; AWP; gradient_probe
   5. training    train_step (one step of Algorithm 1), train (epochs, checkpoints, resume)
-  6. evaluation  evaluate (natural, PGD-20, CW-20, AutoAttack, kNN topology score, test L_TP), sanity_checks
-  7. run I/O     build_parser (the CLI shared by every script), run folders (run_lock), run, evaluate_run, main
-Experiment scripts (exp_*.py) hold the paper's settings and call `main(defaults)`.
+  6. evaluation  evaluate_models (natural, PGD-20, CW-20, AutoAttack, kNN topology score, test L_TP, neighbour
+                 agreement), sanity_checks
+The harness (settings, the command line, run folders, eval.json, tables) is runs.py, which imports this module
+and never the reverse; `main(defaults)` below hands an experiment script over to it. A new method, relation
+loss or model is one function plus one registry line, here or in an experiment script (exp_example_method.py).
 Multi-GPU (--ddp under torchrun) lives in distributed.py; common.py calls it at a few marked points.
 Inputs are in [0, 1] everywhere; no normalisation happens outside the models.
 """
@@ -34,6 +36,7 @@ from tqdm import tqdm
 
 import distributed
 from kernels import topology_loss
+from tinyimagenet import load_tinyimagenet_folder
 
 
 class UserError(Exception):
@@ -75,7 +78,8 @@ def load_npz(path):
     if not os.path.isfile(path):
         raise UserError(f"data file {path} not found (expected an .npz with keys {', '.join(NPZ_KEYS)})")
     if not zipfile.is_zipfile(path):  # np.load would return a lone array (.npy) or try to unpickle it
-        raise UserError(f"data file {path} is not an .npz archive (np.savez writes one with keys {', '.join(NPZ_KEYS)})")
+        raise UserError(f"data file {path} is not an .npz archive "
+                        f"(np.savez writes one with keys {', '.join(NPZ_KEYS)})")
     try:
         with np.load(path, allow_pickle=False) as z:
             missing = [k for k in NPZ_KEYS if k not in z.files]
@@ -100,125 +104,12 @@ def load_torchvision(name, root):
     try:
         sets = [cls(root, train=t, download=True) for t in (True, False)]
     except Exception as e:  # no network, broken archive, ...
-        raise UserError(f"could not load {name} from {root} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+        first = str(e).splitlines()[0] if str(e) else ""
+        raise UserError(f"could not load {name} from {root} ({type(e).__name__}: {first}); "
                         f"run once with internet access to download it, or pass --data-file X.npz")
     arrays = {"x_train": sets[0].data, "y_train": np.asarray(sets[0].targets),
               "x_test": sets[1].data, "y_test": np.asarray(sets[1].targets)}
     return arrays, list(sets[0].classes)
-
-
-TINYIMAGENET_CACHE = "tinyimagenet_cache.npz"
-IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png")
-
-
-def _tin_wnids(root):
-    """Sorted class ids: from wnids.txt when present, else the train/ subfolders."""
-    path = os.path.join(root, "wnids.txt")
-    if os.path.isfile(path):
-        with open(path) as f:
-            wnids = sorted({line.strip() for line in f if line.strip()})
-    else:
-        wnids = sorted(d for d in os.listdir(os.path.join(root, "train"))
-                       if os.path.isdir(os.path.join(root, "train", d)))
-    if not wnids:
-        raise ValueError(f"no classes in {root}: wnids.txt is empty or {os.path.join(root, 'train')} has no class folders")
-    return wnids
-
-
-def _tin_files(root, wnids):
-    """[(path, label)] of the train split and of the val split (= the test split)."""
-    index = {w: i for i, w in enumerate(wnids)}
-    train = []
-    for w in wnids:
-        d = os.path.join(root, "train", w, "images")
-        if not os.path.isdir(d):
-            raise ValueError(f"class folder {d} is missing")
-        train += [(os.path.join(d, n), index[w]) for n in sorted(os.listdir(d)) if n.lower().endswith(IMAGE_SUFFIXES)]
-    ann = os.path.join(root, "val", "val_annotations.txt")
-    if not os.path.isfile(ann):
-        raise ValueError(f"{ann} is missing (it maps the val images to their classes)")
-    test = []
-    with open(ann) as f:
-        for n_line, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            parts = line.rstrip("\n").split("\t")
-            if len(parts) < 2 or parts[1] not in index:
-                raise ValueError(f"{ann} line {n_line}: expected 'file<TAB>wnid...' with a known wnid, got {line.strip()[:80]!r}")
-            test.append((os.path.join(root, "val", "images", parts[0]), index[parts[1]]))
-    if not train:
-        raise ValueError(f"no images in {os.path.join(root, 'train', '*', 'images')}")
-    if not test:
-        raise ValueError(f"{ann} lists no images")
-    return train, test
-
-
-def _decode(items, size=64):
-    """PIL decode to uint8 RGB NHWC; grayscale/CMYK images are converted, odd sizes resized."""
-    from PIL import Image
-    x = np.empty((len(items), size, size, 3), np.uint8)
-    for i, (path, _) in enumerate(items):
-        try:
-            with Image.open(path) as im:
-                im = im.convert("RGB")  # a few Tiny ImageNet JPEGs are grayscale
-                if im.size != (size, size):
-                    im = im.resize((size, size), Image.BILINEAR)
-                x[i] = np.asarray(im)
-        except (OSError, SyntaxError) as e:  # missing / truncated / not an image
-            raise ValueError(f"could not read image {path} ({type(e).__name__}: {e})")
-    return x, np.array([label for _, label in items], np.int64)
-
-
-def _tin_source_mtime(root, wnids):
-    """Newest mtime of the folders and lists that define the data set. Not root's own mtime:
-    writing the cache into root bumps it, which would make every cache look stale."""
-    paths = [os.path.join(root, "wnids.txt"), os.path.join(root, "train"), os.path.join(root, "val"),
-             os.path.join(root, "val", "images"), os.path.join(root, "val", "val_annotations.txt")]
-    for w in wnids:
-        paths += [os.path.join(root, "train", w), os.path.join(root, "train", w, "images")]
-    return max(os.path.getmtime(p) for p in paths if os.path.exists(p))
-
-
-def _tin_read_cache(path):
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            arrays = {k: z[k] for k in ("x_train", "y_train", "x_test", "y_test")}
-            names = [str(c) for c in z["class_names"]]
-    except (OSError, ValueError, KeyError, EOFError):  # unreadable / partial cache: decode again
-        return None
-    return arrays, names
-
-
-def load_tinyimagenet_folder(root, cache=True):
-    """Tiny ImageNet from its unzipped layout (tiny-imagenet-200/): train/<wnid>/images/*.JPEG,
-    val/images/*.JPEG + val/val_annotations.txt, wnids.txt (optional). The val split is the test
-    split; labels index the sorted wnids. -> ({x_train, y_train, x_test, y_test}, wnids), x uint8
-    NHWC 64x64. The decoded arrays are cached in <root>/tinyimagenet_cache.npz and reused while no
-    class folder / list is newer. Problems raise ValueError with a one-line message."""
-    if not os.path.isdir(root):
-        raise ValueError(f"Tiny ImageNet folder {root} not found")
-    if not os.path.isdir(os.path.join(root, "train")):
-        raise ValueError(f"{os.path.join(root, 'train')} is missing")
-    wnids = _tin_wnids(root)
-    cache_path = os.path.join(root, TINYIMAGENET_CACHE)
-    if cache and os.path.isfile(cache_path) and os.path.getmtime(cache_path) >= _tin_source_mtime(root, wnids):
-        cached = _tin_read_cache(cache_path)
-        if cached is not None and cached[1] == wnids:
-            return cached
-    train, test = _tin_files(root, wnids)
-    x_train, y_train = _decode(train)
-    x_test, y_test = _decode(test)
-    arrays = {"x_train": x_train, "y_train": y_train, "x_test": x_test, "y_test": y_test}
-    if cache:
-        tmp = f"{cache_path}.tmp{os.getpid()}"
-        try:  # temp + rename: a killed run never leaves a half-written cache behind
-            with open(tmp, "wb") as f:  # a file object, so np.savez does not append ".npz"
-                np.savez(f, class_names=np.array(wnids), **arrays)
-            os.replace(tmp, cache_path)
-        except OSError:  # read-only data folder: work without a cache
-            if os.path.exists(tmp):
-                os.remove(tmp)
-    return arrays, wnids
 
 
 def resize_images(x_u8_nhwc, size, chunk=2048):
@@ -287,9 +178,9 @@ def load_data(cfg, device):
     if cfg.image_size and arrays["x_train"].shape[1] != cfg.image_size:  # Tiny ImageNet: 64 -> 32 as in the paper
         for k in ("x_train", "x_test"):
             arrays[k] = resize_images(arrays[k], cfg.image_size)
-    return Data(to_device_uint8(arrays["x_train"], device), torch.as_tensor(arrays["y_train"], dtype=torch.long, device=device),
-                to_device_uint8(arrays["x_test"], device), torch.as_tensor(arrays["y_test"], dtype=torch.long, device=device),
-                num_classes, names)
+    labels = {k: torch.as_tensor(arrays[k], dtype=torch.long, device=device) for k in ("y_train", "y_test")}
+    return Data(to_device_uint8(arrays["x_train"], device), labels["y_train"],
+                to_device_uint8(arrays["x_test"], device), labels["y_test"], num_classes, names)
 
 
 def hold_out_validation(data, val_n):
@@ -300,7 +191,8 @@ def hold_out_validation(data, val_n):
         return data
     n = len(data.x_train)
     if val_n >= n:
-        raise UserError(f"--val-n {val_n} leaves no training images (the training set has {n}); lower it, or 0 for none")
+        raise UserError(f"--val-n {val_n} leaves no training images (the training set has {n}); "
+                        "lower it, or 0 for none")
     return dataclasses.replace(data, x_train=data.x_train[:n - val_n], y_train=data.y_train[:n - val_n],
                                x_val=data.x_train[n - val_n:], y_val=data.y_train[n - val_n:])
 
@@ -323,7 +215,8 @@ def augment(x_u8, offsets, flips, pad=4):
     offsets, flips = offsets.to(dev), flips.to(dev)
     rows = (offsets[:, 0, None] + torch.arange(h, device=dev))[:, None, :, None]
     cols = (offsets[:, 1, None] + torch.arange(w, device=dev))[:, None, None, :]
-    out = xp[torch.arange(b, device=dev)[:, None, None, None], torch.arange(c, device=dev)[None, :, None, None], rows, cols]
+    images = torch.arange(b, device=dev)[:, None, None, None]
+    out = xp[images, torch.arange(c, device=dev)[None, :, None, None], rows, cols]
     out = torch.where(flips[:, None, None, None], out.flip(3), out)
     return out.float().div_(255)
 
@@ -483,7 +376,8 @@ class WideBlock(nn.Module):
 class NetworkBlock(nn.Module):
     def __init__(self, n, c_in, c_out, stride):
         super().__init__()
-        self.layer = nn.Sequential(*[WideBlock(c_in if i == 0 else c_out, c_out, stride if i == 0 else 1) for i in range(n)])
+        self.layer = nn.Sequential(*[WideBlock(c_in if i == 0 else c_out, c_out, stride if i == 0 else 1)
+                                     for i in range(n)])
 
     def forward(self, x):
         return self.layer(x)
@@ -720,7 +614,8 @@ class StepState:
     gather: None, or (--ddp --tp-scope global) distributed.gather_rows, which relation_inputs applies."""
     gather = None
 
-    def __init__(self, model_adv, x, y, x_adv, model_std=None, std_trainable=True, heads=None, amp=contextlib.nullcontext):
+    def __init__(self, model_adv, x, y, x_adv, model_std=None, std_trainable=True, heads=None,
+                 amp=contextlib.nullcontext):
         self.model_adv, self.model_std, self.x, self.y, self.x_adv = model_adv, model_std, x, y, x_adv
         self.std_trainable = std_trainable
         self.heads = heads  # trainable heads of a relation loss (e.g. CRD's projections), else None
@@ -808,7 +703,8 @@ def loss_lbgat_trades(s, cfg):
 
 
 def loss_lbgat0(s, cfg):
-    """LBGAT0 as released (lbgat.py with beta 0, LBGAT's sh/train_lbgat0_cifar100.sh): no term of M' besides the guidance."""
+    """LBGAT0 as released (lbgat.py with beta 0, LBGAT's sh/train_lbgat0_cifar100.sh): no term of M' besides
+    the guidance."""
     return {}
 
 
@@ -1134,7 +1030,7 @@ class Models:
     ddp: dict = None
 
     def saved(self):
-        """{name: module} of what a checkpoint holds (names as in checkpoints since the first release)."""
+        """{name: module} of what a checkpoint holds (the names checkpoints store them under)."""
         return {k: m for k, m in (("adv", self.adv), ("std", self.std), ("heads", self.heads)) if m is not None}
 
     def trained(self):
@@ -1271,12 +1167,13 @@ def val_eval(models, data, cfg, epoch):
     """Per-epoch accuracies of M' on the validation split (val_nat_acc, val_pgd<k>_acc); {} without one."""
     if data.x_val is None:
         return {}
-    return monitored_accuracies([("val_", models.adv)], to_float(data.x_val), data.y_val, cfg, cfg.seed + 7919 * epoch + 1)
+    return monitored_accuracies([("val_", models.adv)], to_float(data.x_val), data.y_val, cfg,
+                                cfg.seed + 7919 * epoch + 1)
 
 
 def selection_metric(cfg):
     """The metrics.jsonl column best.pt is picked by: PGD accuracy on the validation split, or with --val-n 0
-    (and in every run before validation splits existed) on the monitored test images."""
+    on the monitored test images."""
     return f"{'val_' if cfg.val_n else ''}pgd{cfg.eval_steps}_acc"
 
 
@@ -1447,8 +1344,8 @@ def train(cfg, run_dir, data, resume=False, log=print, on_start=None):
         progress = ck["progress"]
         set_rng_states(ck["rng"])
         if cfg.train and cfg.tp_scope == "local" and ck.get("world_size", 1) != distributed.world_size():
-            raise UserError(f"--tp-scope local builds L_TP per process: resume {last} with the {ck.get('world_size', 1)} "
-                            f"processes it was trained with, not {distributed.world_size()}")
+            raise UserError(f"--tp-scope local builds L_TP per process: resume {last} with the "
+                            f"{ck.get('world_size', 1)} processes it was trained with, not {distributed.world_size()}")
         log(f"resumed from {last}: epoch {progress['epoch']} done, {progress['step']} steps into the next")
     n_batches = len(data.x_train) // cfg.batch_size  # drop the last incomplete batch (L_TP needs N >= 2)
     if n_batches == 0:
@@ -1507,7 +1404,8 @@ def train(cfg, run_dir, data, resume=False, log=print, on_start=None):
             row.update({f"loss/{k}": v.item() / n_batches for k, v in sums.items() if not k.startswith("grad/")})
             row["loss/total"] = sum(v for k, v in row.items() if k.startswith("loss/"))
             # the mean over the probed steps (the last GRAD_PROBE_STEPS of the epoch)
-            row.update({k: v.item() / min(GRAD_PROBE_STEPS, n_batches) for k, v in sums.items() if k.startswith("grad/")})
+            probed = min(GRAD_PROBE_STEPS, n_batches)
+            row.update({k: v.item() / probed for k, v in sums.items() if k.startswith("grad/")})
             row.update(epoch_eval(models, data, cfg, epoch))
             row.update(val_eval(models, data, cfg, epoch))
             row["seconds"] = time.time() - t0
@@ -1546,7 +1444,8 @@ def predict(model, x, batch_size=500):
 
 @torch.no_grad()
 def features_of(model, x, batch_size=500):
-    return torch.cat([model(x[i:i + batch_size], return_features=True)[0].float() for i in range(0, len(x), batch_size)])
+    return torch.cat([model(x[i:i + batch_size], return_features=True)[0].float()
+                      for i in range(0, len(x), batch_size)])
 
 
 PROGRESS_EVERY = 30.0  # seconds between two progress lines when stderr is not a terminal
@@ -1686,7 +1585,8 @@ def knn_predict(support_f, support_y, query_f, ks, num_classes, chunk_q=1024, ch
             best_i = torch.cat([best_i, i + s0], 1).gather(1, pos)
         for k in ks:
             labels = support_y[best_i[:, :k]]
-            votes = torch.zeros(len(q), num_classes, device=q.device).scatter_add_(1, labels, torch.ones_like(best_v[:, :k]))
+            votes = torch.zeros(len(q), num_classes, device=q.device).scatter_add_(1, labels,
+                                                                                  torch.ones_like(best_v[:, :k]))
             sims = torch.zeros(len(q), num_classes, device=q.device).scatter_add_(1, labels, best_v[:, :k])
             # |summed similarity| <= k, so dividing by 2k+1 breaks ties without overturning a vote
             preds[k].append((votes + sims / (2 * k + 1)).argmax(1))
@@ -1791,7 +1691,8 @@ def aa_subset_scores(model, x, y, correct, pgd, batch_size):
     """Natural and PGD accuracy on the n images AutoAttack saw, so its column compares like with like;
     PGD runs on them here when the evaluation did not run it on every image."""
     n = len(x)
-    pgd_ok = correct["pgd"][:n] if "pgd" in correct else correct_under(model, x, y, pgd, batch_size, desc="PGD on AA's")[1]
+    pgd_ok = (correct["pgd"][:n] if "pgd" in correct
+              else correct_under(model, x, y, pgd, batch_size, desc="PGD on AA's")[1])
     return {"n": n, "natural": correct["natural"][:n].float().mean().item(), "pgd": pgd_ok.float().mean().item()}
 
 
@@ -1802,8 +1703,8 @@ def sanity_checks(model, x, y, ecfg, res, warn, n=500):
     nat = correct_under(model, x, y)[1]
     zero = correct_under(model, x, y, pgd_attack(0.0, ecfg.eval_step_size, ecfg.eval_steps))[1]
     if not torch.equal(zero, nat):
-        raise SanityError(f"PGD with eps=0 changed {int((zero != nat).sum())} predictions: the model is not deterministic "
-                          "in eval mode, or the attack is broken")
+        raise SanityError(f"PGD with eps=0 changed {int((zero != nat).sum())} predictions: "
+                          "the model is not deterministic in eval mode, or the attack is broken")
     big = correct_under(model, x, y, pgd_attack(0.5, 0.05, ecfg.eval_steps))[1]
     res["sanity"]["pgd_eps0.5_acc"] = acc = big.float().mean().item()
     res["sanity"]["eps0_equals_natural"] = True

@@ -79,7 +79,8 @@ def study_pretrained_std(quick, dir_of):
     ckpt = os.path.join(dir_of(standard), "last.pt")
     return [("standard model", standard, FULL_METRICS),
             ("Vanilla AT", {"method": "at"}, FULL_METRICS),
-            ("Vanilla AT + TRAIN*", {"method": "at", "train": True, "std_arch": small, "std_ckpt": ckpt, "freeze_std": True},
+            ("Vanilla AT + TRAIN*", {"method": "at", "train": True, "std_arch": small, "std_ckpt": ckpt,
+                                     "freeze_std": True},
              FULL_METRICS),
             ("Vanilla AT + TRAIN", {"method": "at", "train": True, "std_arch": small}, FULL_METRICS)]
 
@@ -102,7 +103,8 @@ STUDIES = {"relation": study_relation, "batch-size": study_batch_size, "lambda":
            "std-backbone": study_std_backbone, "pretrained-std": study_pretrained_std, "mobilenet": study_mobilenet,
            "beta-sweep": study_beta_sweep}
 TIME_CONFIGS = [("AT", "at", ()), ("AT + LBGAT", "at", ("lbgat",)), ("AT + TRAIN", "at", ("train",)),
-                ("TRADES", "trades", ()), ("TRADES + LBGAT", "trades", ("lbgat",)), ("TRADES + TRAIN", "trades", ("train",))]
+                ("TRADES", "trades", ()), ("TRADES + LBGAT", "trades", ("lbgat",)),
+                ("TRADES + TRAIN", "trades", ("train",))]
 
 
 # ------------------------------------------------------------------------------------- running a study
@@ -115,7 +117,8 @@ class Study:
         actions = {f.name for f in dataclasses.fields(runs.Actions)} - {"runs_dir"}
         bad = sorted(set(self.given) & actions)
         if bad:
-            raise common.UserError(f"{', '.join('--' + k.replace('_', '-') for k in bad)} cannot be passed to a study's runs")
+            raise common.UserError(f"{', '.join('--' + k.replace('_', '-') for k in bad)} "
+                                   "cannot be passed to a study's runs")
         self.quick = quick
         self.base = runs.make_config(defaults, {**(STUDY_QUICK if quick else {}), **self.given})
         self.eval_given = {k: v for k, v in self.given.items()
@@ -198,7 +201,8 @@ def render_table(study, rows):
     head, body = lines[:2], iter(lines[2:])
     width = head[0].count("|") - 1
     name = (lambda label: label.split()[-1]) if study in ("lambda", "beta-sweep") else (lambda label: label)
-    return "\n".join(head + [f"| {name(label)} | {r['failed']} |" + " - |" * (width - 2) if "failed" in r else next(body)
+    return "\n".join(head + [f"| {name(label)} | {r['failed']} |" + " - |" * (width - 2)
+                             if "failed" in r else next(body)
                              for label, r in rows])
 
 
@@ -258,7 +262,9 @@ def ablation_study(name, quick, passthrough, dry_run, log):
         fh.write(table + "\n")
     log(f"table: {os.path.join(study.root, name + '.md')}")
     if name == "beta-sweep":
-        log(f"figure: {plot_beta_sweep([(l, r) for l, r in rows if 'failed' not in r], os.path.join(study.root, 'beta-sweep.png'))}")
+        png = plot_beta_sweep([(l, r) for l, r in rows if "failed" not in r],
+                              os.path.join(study.root, "beta-sweep.png"))
+        log(f"figure: {png}")
     log(table)
     failed = [label for label, r in rows if "failed" in r]
     if failed:
@@ -277,10 +283,13 @@ EVIDENCE_CONFIGS = [("standard", "Standard", {"method": "standard"}),
                     ("trades", "TRADES", {"method": "trades"}),
                     ("trades_train", "TRADES + TRAIN", {"method": "trades", "train": True}),
                     # variants of AT + TRAIN (issue 13: what was tried), on EVIDENCE_VARIANT_SEEDS unless named
-                    ("at_train_lam20a", "AT + TRAIN, lambda 20a", {"method": "at", "train": True, "lam": common.Lambda.parse("20a")}),
-                    ("at_train_lam1", "AT + TRAIN, lambda 1", {"method": "at", "train": True, "lam": common.Lambda.parse("1")}),
+                    ("at_train_lam20a", "AT + TRAIN, lambda 20a",
+                     {"method": "at", "train": True, "lam": common.Lambda.parse("20a")}),
+                    ("at_train_lam1", "AT + TRAIN, lambda 1",
+                     {"method": "at", "train": True, "lam": common.Lambda.parse("1")}),
                     ("at_train_nat", "AT + TRAIN, tp-input nat", {"method": "at", "train": True, "tp_input": "nat"}),
-                    ("at_train_mean", "AT + TRAIN, reduction mean", {"method": "at", "train": True, "tp_reduction": "mean"})]
+                    ("at_train_mean", "AT + TRAIN, reduction mean",
+                     {"method": "at", "train": True, "tp_reduction": "mean"})]
 EVIDENCE_VARIANTS = ("at_train_lam20a", "at_train_lam1", "at_train_nat", "at_train_mean")
 EVIDENCE_VARIANT_SEEDS = [1]
 EVIDENCE_PAIRS = [("at", "at_train"), ("trades", "trades_train")] + [("at", v) for v in EVIDENCE_VARIANTS]
@@ -292,8 +301,8 @@ EVIDENCE_SCALES = {
                           lam="5", beta=6.0, device="cpu", val_n=0, baselines="release1"),
             "eval": dict(aa_n=1000, aa_attacks=["apgd-ce", "apgd-dlr"], knn_k=[30], knn_train_n=1000)},
     "gpu": {"train": dict(dataset="cifar10", data_file=SHARED_CIFAR10, arch="preact_resnet18", std_arch="resnet18",
-                          epochs=30, milestones=[23, 27], steps=10, step_size=0.007, eval_steps=20, eval_n=1000, lam="5",
-                          beta=6.0, val_n=0),
+                          epochs=30, milestones=[23, 27], steps=10, step_size=0.007, eval_steps=20, eval_n=1000,
+                          lam="5", beta=6.0, val_n=0),
             "eval": dict(aa_n=1000, knn_k=[30], knn_train_n=10000)},
 }
 EVIDENCE_METRICS = [("natural", "Natural"), ("pgd", "PGD-20"), ("cw", "CW-20"), ("aa", "AA"),
@@ -309,7 +318,8 @@ def evidence_runs(configs=None, seeds=EVIDENCE_SEEDS):
         if configs and key not in configs:
             continue
         metrics = ["nat", "pgd"] if key == "standard" else ["nat", "pgd", "cw", "aa", "knn", "tp"]
-        run_seeds = [s for s in seeds if s in EVIDENCE_VARIANT_SEEDS] if key in EVIDENCE_VARIANTS and not configs else seeds
+        run_seeds = ([s for s in seeds if s in EVIDENCE_VARIANT_SEEDS] if key in EVIDENCE_VARIANTS and not configs
+                     else seeds)
         out += [(key, label, seed, {**settings, "seed": seed}, metrics) for seed in run_seeds]
     return out
 
@@ -347,7 +357,8 @@ def evidence_tables(results, labels=None, pairs=EVIDENCE_PAIRS):
         lines.append(f"| {labels[key]} | {len(vals)} | "
                      + " | ".join(mean_std([scaled(m, v[m]) for v in vals]) for m, _ in EVIDENCE_METRICS) + " |")
     gain_metrics = [(m, n) for m, n in EVIDENCE_METRICS if m not in ("test_ltp", "std_natural")]
-    gain_head = ["| pair | seeds | " + " | ".join(n for _, n in gain_metrics) + " |", "| --- " * (2 + len(gain_metrics)) + "|"]
+    gain_head = ["| pair | seeds | " + " | ".join(n for _, n in gain_metrics) + " |",
+                 "| --- " * (2 + len(gain_metrics)) + "|"]
     gains, paired = [], []
     for base, plus in pairs:
         if base not in results or plus not in results:
@@ -364,7 +375,8 @@ def evidence_tables(results, labels=None, pairs=EVIDENCE_PAIRS):
         for s in seeds:
             a, b = evidence_values(results[base][s]), evidence_values(results[plus][s])
             paired.append(f"| {pair} | {s} | " + " | ".join(
-                "-" if a[m] is None or b[m] is None else f"{100 * a[m]:.2f} → {100 * b[m]:.2f}" for m, _ in gain_metrics) + " |")
+                "-" if a[m] is None or b[m] is None else f"{100 * a[m]:.2f} → {100 * b[m]:.2f}"
+                for m, _ in gain_metrics) + " |")
     if gains:
         lines += ["", "TRAIN gain over its base method: mean ± std of the per-seed differences (points; positive = "
                   "TRAIN better), and on how many seeds TRAIN is better:", ""] + gain_head + gains
@@ -435,12 +447,13 @@ def evidence_study(scale, configs, seeds, passthrough, dry_run, log):
     """
     if dry_run:
         for sc in EVIDENCE_SCALES:
-            study = Study(passthrough, defaults={**DEFAULTS, **EVIDENCE_SCALES[sc]["train"]}, root_name=f"evidence_{sc}")
+            study = Study(passthrough, defaults={**DEFAULTS, **EVIDENCE_SCALES[sc]["train"]},
+                          root_name=f"evidence_{sc}")
             for key, label, seed, settings, _ in evidence_runs(configs, seeds):
                 cfg = study.config(settings)
                 log(f"[{sc}] [{runs.run_status(study.dir_of(settings))}] {label}, seed {seed}: M'={cfg.arch} "
-                    f"M={common.std_arch_of(cfg)} {cfg.train_n or 'all'} train images, {cfg.epochs} epochs, PGD-{cfg.steps} "
-                    f"-> {study.dir_of(settings)}")
+                    f"M={common.std_arch_of(cfg)} {cfg.train_n or 'all'} train images, {cfg.epochs} epochs, "
+                    f"PGD-{cfg.steps} -> {study.dir_of(settings)}")
         return None
     study = Study(passthrough, defaults={**DEFAULTS, **EVIDENCE_SCALES[scale]["train"]}, root_name=f"evidence_{scale}")
     planned = evidence_runs(configs, seeds)
@@ -738,7 +751,8 @@ def selection_table(done, lam_star):
            "| --- " * (2 + len(RESPONSE_SELECT_SEEDS)) + "|"]
     for lam in lams:
         out.append(f"| {lam}{' (lambda*)' if lam == lam_star else ''} | "
-                   + " | ".join(fmt(score[lam].get(s)) for s in RESPONSE_SELECT_SEEDS) + f" | {mean_of(score[lam].values())} |")
+                   + " | ".join(fmt(score[lam].get(s)) for s in RESPONSE_SELECT_SEEDS)
+                   + f" | {mean_of(score[lam].values())} |")
     if lam_star:
         seeds = sorted(set(score[lam_star]) & set(score["0"]))
         diffs = [score[lam_star][s] - score["0"][s] for s in seeds]
@@ -757,7 +771,8 @@ def confirmation_table(done, lam_star):
             results.setdefault(key, {})[st["seed"]] = r
     order = {k: results[k] for k in ("at_m", "at_star", "trades_m", "trades_star") if k in results}
     return ["## Arm 2 — confirmation on fresh seeds 4-6 (test set)", "",
-            evidence_tables(order, labels, [("at_m", "at_star"), ("trades_m", "trades_star")]) if order else "no run yet"]
+            evidence_tables(order, labels, [("at_m", "at_star"), ("trades_m", "trades_star")]) if order
+            else "no run yet"]
 
 
 CAPACITY_METRICS = (("natural", "Natural"), ("pgd", "PGD-20"), ("aa", "AA"), ("nbr30_robust", "nbr@30 robust"))
@@ -772,7 +787,8 @@ def capacity_table(done, lam_star):
     out = ["## Arm 3 — capacity (AT, seeds 4-5; x2 = cnn6x2)", "",
            "Means over seeds, and the paired difference to AT + M of the same width and seed (points):", "",
            "| width | lambda | seeds | " + " | ".join(n for _, n in CAPACITY_METRICS) + " | "
-           + " | ".join(f"Δ {n}" for _, n in CAPACITY_METRICS) + " |", "| --- " * (3 + 2 * len(CAPACITY_METRICS)) + "|"]
+           + " | ".join(f"Δ {n}" for _, n in CAPACITY_METRICS) + " |",
+           "| --- " * (3 + 2 * len(CAPACITY_METRICS)) + "|"]
     for (width, lam), seeds in sorted(groups.items(), key=lambda kv: (kv[0][0], float(kv[0][1]))):
         base = groups.get((width, "0"), {})
         deltas = [mean_of([seeds[s][m] - base[s][m] for s in seeds if s in base
@@ -910,7 +926,8 @@ def time_steps(cfg, steps, warmup, log):
     for label, sec in results.items():
         log(f"{label}: {sec:.3f} s/step")
     std, std_lbgat = (common.std_arch_of(dataclasses.replace(cfg, lbgat=v)) for v in (False, True))
-    lines = [f"Training time on {name}: M' = {cfg.arch}, M = {std}" + (f" ({std_lbgat} with LBGAT)" if std_lbgat != std else "")
+    lines = [f"Training time on {name}: M' = {cfg.arch}, M = {std}"
+             + (f" ({std_lbgat} with LBGAT)" if std_lbgat != std else "")
              + f", batch {cfg.batch_size}, PGD-{cfg.steps}, amp {cfg.amp}, channels_last {cfg.channels_last}, "
              f"compile {cfg.compile}; median of {steps} steps after {warmup} warm-up, configurations interleaved; "
              f"epoch = {per_epoch} steps",
@@ -928,7 +945,8 @@ def time_steps(cfg, steps, warmup, log):
 def study_list():
     lines = [f"  {name:<15} {((fn.__doc__ or '').strip().splitlines() or [''])[0]}" for name, fn in STUDIES.items()]
     lines.append(f"  {'time':<15} Table XI: seconds per step / epoch of AT, TRADES +- LBGAT / TRAIN on this device")
-    lines.append(f"  {'evidence':<15} AT / TRADES +- TRAIN over 3 seeds: mean ± std, paired gains, curves (--scale cpu|gpu)")
+    lines.append(f"  {'evidence':<15} AT / TRADES +- TRAIN over 3 seeds: mean ± std, paired gains, "
+                 "curves (--scale cpu|gpu)")
     lines.append(f"  {'response':<15} pre-registered: lambda on a validation split, confirmation on fresh seeds, "
                  "capacity, mechanism (--arms)")
     return "\n".join(lines)
@@ -960,10 +978,12 @@ def main(argv=None):
     p.add_argument("--study", required=True, choices=sorted(list(STUDIES) + ["time", "evidence", "response"]),
                    help="which study")
     p.add_argument("--quick", action="store_true", help="smoke scale: cnn_small, data subset, 2 epochs (default: off)")
-    p.add_argument("--dry-run", action="store_true", help="list the runs the study would make, run nothing (default: off)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="list the runs the study would make, run nothing (default: off)")
     p.add_argument("--steps-only", type=int, default=None, help="time study: timed steps (default: 10, quick 3)")
     p.add_argument("--warmup", type=int, default=None, help="time study: warm-up steps (default: 3, quick 1)")
-    p.add_argument("--scale", choices=sorted(EVIDENCE_SCALES), default="cpu", help="evidence study scale (default: cpu)")
+    p.add_argument("--scale", choices=sorted(EVIDENCE_SCALES), default="cpu",
+                   help="evidence study scale (default: cpu)")
     p.add_argument("--configs", type=runs.name_list([k for k, _, _ in EVIDENCE_CONFIGS]), default=None,
                    help="evidence study: only these configurations, e.g. at,trades_train (default: all)")
     p.add_argument("--seeds", type=runs.int_list, default=EVIDENCE_SEEDS, help="evidence study seeds (default: 1,2,3)")

@@ -28,258 +28,10 @@ from common import (AMP_DTYPES, BASE_METHODS, Diverged, EVAL_METRICS, FolderInUs
                     hold_out_validation, load_checkpoint, load_data, save_atomic, std_arch_of, train)
 
 
-def checkpoint_to_evaluate(cfg):
-    """best.pt when it was picked on held-out training data; else last.pt (a best.pt picked on test images
-    would be model selection on the test set; a standard model's PGD accuracy picks nothing useful)."""
-    return "best.pt" if cfg.val_n and BASE_METHODS[cfg.method].adversarial else "last.pt"
-
-
-def checkpoint_progress(path):
-    """A checkpoint's progress (epoch, step) without reading its weights: memory-mapped, cheap for any size."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False, mmap=True)["progress"]
-    except Exception as e:
-        raise UserError(f"could not read checkpoint {path}: {type(e).__name__}: {e}")
-
-
-STATE_DICT_FLAGS = ("arch", "dataset", "mean", "std")  # what --eval needs to know of a bare state_dict
-
-
-def eval_run_config(ck, ecfg, path):
-    """The settings --eval works with: the run's own (its data may have moved; --test-n subsets), or for a bare
-    state_dict those the flags give (state_dict_config)."""
-    if check_known_checkpoint(ck, path) == "state_dict":
-        return state_dict_config(ecfg)
-    given = [f"--{k}" for k in STATE_DICT_FLAGS if getattr(ecfg, k) is not None]
-    if given:
-        raise UserError(f"--eval uses the settings saved with the checkpoint: {', '.join(given)} cannot apply "
-                        "(they describe a bare state_dict)")
-    run_cfg = Config.from_saved(ck["config"])
-    for k in ("data_file", "data_dir", "test_n"):
-        if getattr(ecfg, k) is not None:
-            setattr(run_cfg, k, getattr(ecfg, k))
-    return run_cfg
-
-
-def state_dict_config(ecfg):
-    """Settings for a bare state_dict: M' = --arch on --dataset / --data-file (--data-dir, --test-n); eps: --eps,
-    else the paper's 0.031 (the schedule's default)."""
-    if not ecfg.arch:
-        raise UserError("--eval of a bare state_dict needs --arch (e.g. wrn34_10) and --dataset or --data-file")
-    if (ecfg.mean is None) != (ecfg.std is None) or (ecfg.mean is not None and (
-            len(ecfg.mean) != 3 or len(ecfg.std) != 3 or min(ecfg.std) <= 0)):
-        raise UserError("--mean and --std go together: three numbers each (per RGB channel), std > 0")
-    given = {k: getattr(ecfg, k) for k in ("arch", "dataset", "data_file", "data_dir", "test_n") if getattr(ecfg, k)}
-    cfg = make_config({}, {**given, "device": ecfg.device})
-    if not cfg.data_file and not cfg.dataset:
-        raise UserError("--eval of a bare state_dict needs --dataset or --data-file")
-    return cfg
-
-
-def eval_models(ck, run_cfg, ecfg, num_classes, device, path):
-    """The models of a run checkpoint, or M' alone from a bare state_dict (behind Normalized with --mean / --std);
-    in eval mode."""
-    if checkpoint_kind(ck) == "run":
-        models = build_models(run_cfg, num_classes, device)
-        for k, m in models.saved().items():
-            fit_weights(m, ck["models"].get(k), f"checkpoint {path} ({k})",
-                        "its saved arch " + {"adv": run_cfg.arch, "std": std_arch_of(run_cfg)}.get(k, "relation heads"))
-            m.eval()
-        return models
-    model = build_model(run_cfg.arch, num_classes).to(device)
-    fit_weights(model, bare_state_dict(ck), path, f"--arch {run_cfg.arch}")
-    if ecfg.mean is not None:
-        model = Normalized(model, ecfg.mean, ecfg.std).to(device)
-    return Models(model.eval())
-
-
-def checkpoint_facts(ck, path):
-    """eval.json's run, epoch and selection: 'best-by-val' / 'best-by-test' (a best.pt picked on the validation split /
-    on monitored test images, as every best.pt before validation splits existed), 'last', or 'state_dict'."""
-    path = os.path.abspath(path)
-    if checkpoint_kind(ck) == "state_dict":
-        return {"run": os.path.basename(path), "epoch": None, "selection": "state_dict"}
-    on = ck["progress"].get("selected_on") or ("test" if os.path.basename(path) == "best.pt" else None)
-    return {"run": os.path.basename(os.path.dirname(path)), "epoch": ck["progress"]["epoch"],
-            "selection": f"best-by-{on}" if on else "last"}
-
-
-def export_state_dict(ckpt_path, out_path):
-    """--export CKPT FILE: M' of a run checkpoint as a plain state_dict ({name: tensor}, no 'module.'), the form public
-    releases take. A wrn34_10 loads strictly into RobustBench's WideResNet(depth=34, widen_factor=10)
-    (robustbench/model_zoo/architectures/wide_resnet.py) and into TRADES' models/wideresnet.py except that class's
-    unused sub_block1 (load_state_dict(..., strict=False) there)."""
-    ck = load_checkpoint(ckpt_path, "cpu")
-    if check_known_checkpoint(ck, ckpt_path) != "run":
-        raise UserError(f"--export: {ckpt_path} is a bare state_dict already")
-    try:
-        save_atomic(out_path, lambda tmp: torch.save(ck["models"]["adv"], tmp))
-    except (OSError, RuntimeError) as e:  # torch.save reports a missing folder as a RuntimeError
-        raise UserError(f"--export: could not write {out_path}: {e}")
-    return out_path
-
-
-def evaluate(ckpt_path, ecfg, out_dir=None, log=print):
-    """Every metric of the paper's tables for one checkpoint -> a dict (eval.json's content): loads the
-    checkpoint, its data and models, then common.evaluate_models.
-
-    ecfg: an EvalConfig. out_dir: where the AutoAttack log and the t-SNE picture go (None: no files);
-    write_eval() stores the results. Raises UserError, SanityError."""
-    device = torch.device(ecfg.device)
-    ck = load_checkpoint(ckpt_path, device)
-    run_cfg = eval_run_config(ck, ecfg, ckpt_path)
-    data = load_data(run_cfg, device)
-    models = eval_models(ck, run_cfg, ecfg, data.num_classes, device, ckpt_path)
-    if ecfg.eval_model == "std" and models.std is None:
-        raise UserError(f"--eval-model std: this checkpoint holds no standard model ({', '.join(models.saved())})")
-    eps = run_cfg.eps if ecfg.eps is None else ecfg.eps
-    res = {"checkpoint": os.path.abspath(ckpt_path), **checkpoint_facts(ck, ckpt_path),
-           "model": ecfg.eval_model, "arch": run_cfg.arch if ecfg.eval_model == "adv" else std_arch_of(run_cfg),
-           "eps": eps, "eps_255": eps * 255, "n_test": len(data.x_test),
-           "pgd_steps": ecfg.eval_steps, "pgd_step_size": ecfg.eval_step_size, "cw_kappa": ecfg.cw_kappa}
-    log(f"evaluating {ckpt_path} ({res['arch']}, epoch {res['epoch']}) on {len(data.x_test)} test images, "
-        f"eps {eps:.4f} ({eps * 255:.2f}/255)")
-    return evaluate_models(models, data, eps, ecfg, run_cfg, res, out_dir, log)
-
-
-# eval.json: the flat dict of evaluate() for one "row" (checkpoint file and epoch, model, eps, PGD steps, number of
-# test images), merged over evaluations of that row; rows evaluated under other settings are kept in "earlier".
-ROW_KEYS = ("model", "epoch", "eps", "pgd_steps", "pgd_step_size", "n_test")
-EVAL_FORMAT = 2  # 2: merged rows, results.md regenerated from eval.json
-# metric -> the settings beyond the row's that define its value (a change starts a new row)
-METRIC_SETTINGS = {"natural": (), "std_natural": (), "pgd": (), "cw": ("cw_kappa",), "aa": ("aa_n", "aa_attacks"),
-                   "knn": ("knn_train_n",), "test_ltp": (), "nbr": ()}
-
-
-def same_row(old, new):
-    """Whether new's values can stand next to old's in one row: same checkpoint, row settings, and the
-    same settings for every metric both measured."""
-    if os.path.basename(old.get("checkpoint", "")) != os.path.basename(new["checkpoint"]):
-        return False
-    if any(old.get(k) != new.get(k) for k in ROW_KEYS):
-        return False
-    both = [m for m in METRIC_SETTINGS if m in old and m in new]
-    return all(old.get(k) == new.get(k) for m in both for k in METRIC_SETTINGS[m])
-
-
-def merge_eval(old, new, log=print):
-    """eval.json after an evaluation: new's metrics over old's when they share a row (what new did not
-    measure stays), else new becomes the row and old moves to "earlier". Nothing is dropped."""
-    if not old:
-        return dict(new)
-    earlier = old.get("earlier", [])
-    old = {k: v for k, v in old.items() if k not in ("earlier", "legacy_rows", "format")}
-    if not same_row(old, new):
-        log(f"eval.json: the results of {row_label(old)} at eps {old.get('eps', 0) * 255:.2f}/255 stay in 'earlier'")
-        return {**new, "earlier": earlier + [old]}
-    again = [m for m in METRIC_SETTINGS if m in old and m in new and m not in ("knn", "nbr") and old[m] != new[m]]
-    if again:
-        log("eval.json: measured again with the same settings: "
-            + ", ".join(f"{m} {old[m]:.4f} -> {new[m]:.4f}" for m in again))
-    warnings = old.get("warnings", [])
-    merged = {**old, **new, "warnings": warnings + [w for w in new["warnings"] if w not in warnings],
-              "sanity": {**old.get("sanity", {}), **new["sanity"]}}
-    for m in ("knn", "nbr"):  # other k: both kept
-        if m in old and m in new:
-            merged[m] = {q: {**old[m].get(q, {}), **new[m][q]} for q in new[m]}
-    if len(old.get("worst_case_of", [])) > len(new["worst_case_of"]):  # the worst case over more attacks stays
-        merged.update({k: old[k] for k in ("worst_case", "worst_case_n", "worst_case_of") if k in old})
-    return {**merged, **({"earlier": earlier} if earlier else {})}
-
-
-def read_json(path):
-    """A JSON file written by us, or None when absent; an unreadable one is a UserError (never overwritten)."""
-    if not os.path.isfile(path):
-        return None
-    try:
-        with open(path) as fh:
-            return json.load(fh)
-    except (OSError, ValueError) as e:
-        raise UserError(f"could not read {path} ({type(e).__name__}: {e}); move it away to write a new one")
-
-
-def write_text(path, text):
-    with open(path, "w") as fh:
-        fh.write(text)
-
-
-def write_atomic(path, text):
-    """A text file, atomically (save_atomic)."""
-    save_atomic(path, lambda tmp: write_text(tmp, text))
-
-
-def write_eval(res, run_dir, log=print):
-    """Merge res into run_dir's eval.json (merge_eval) and regenerate results.md from it, one line per row
-    of eval.json. A results.md of the older code (appended rows) is kept: its lines become "legacy_rows"."""
-    path, md = os.path.join(run_dir, "eval.json"), os.path.join(run_dir, "results.md")
-    old = read_json(path)
-    legacy = (old or {}).get("legacy_rows")
-    if "format" not in (old or {}) and os.path.isfile(md):  # a results.md of the code that appended rows
-        with open(md) as fh:
-            legacy = [line.rstrip("\n") for line in fh if line.strip()]
-    merged = {**merge_eval(old, res, log), "format": EVAL_FORMAT}
-    if legacy:
-        merged["legacy_rows"] = legacy
-    write_atomic(path, json.dumps(merged, indent=2))
-    rows = (legacy or []) + [results_row(r) for r in merged.get("earlier", []) + [merged]]
-    write_atomic(md, "\n".join(rows) + "\n")
-    log(TABLE_HEADER + "\n" + results_row(merged))
-    return merged
-
-
-TABLE_HEADER = ("| run | eps | Natural | PGD-20 | CW-20 | AA | kNN natural | kNN robust | checkpoint |\n"
-                "| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
-
-
-def row_label(res):
-    """The run cell: run, model, checkpoint file and epoch, and the number of test images of every column."""
-    return (res["run"] + ("" if res.get("model", "adv") == "adv" else " (M)")
-            + f" ({os.path.basename(res.get('checkpoint', '?'))}, epoch {res.get('epoch')}, n={res.get('n_test')})")
-
-
-def aa_cell(res, pct):
-    """AA accuracy; when it ran on fewer images than the row: its n, and natural / PGD accuracy on those images."""
-    if res.get("aa") is None or res["aa_n"] == res["n_test"]:
-        return pct(res.get("aa"))
-    sub = res.get("aa_subset")
-    on_them = f"; natural {pct(sub['natural'])}, PGD-{res['pgd_steps']} {pct(sub['pgd'])} on them" if sub else ""
-    return f"{pct(res['aa'])} (n={res['aa_n']}{on_them})"
-
-
-def results_row(res, k="30"):
-    """One markdown row in the paper's column order; kNN at k=30 (or the first k evaluated). Every row says
-    how many test images each column used (row_label, aa_cell); the last
-    column says which checkpoint (checkpoint_facts' selection; '-' in eval.json files written before it existed)."""
-    def pct(v):
-        return "-" if v is None else f"{100 * v:.2f}"
-    knn = res.get("knn") or {}
-    kk = k if k in knn.get("natural", {}) else next(iter(knn.get("natural", {})), None)
-    steps_note = "" if res.get("pgd_steps", 20) == 20 else f" ({res['pgd_steps']} steps)"
-    aa = aa_cell(res, pct)
-    cells = [row_label(res), f"{res['eps'] * 255:.2f}/255",
-             pct(res.get("natural")), pct(res.get("pgd")) + steps_note * ("pgd" in res),
-             pct(res.get("cw")) + steps_note * ("cw" in res), aa,
-             pct(knn["natural"][kk]) if kk else "-", pct(knn["robust"][kk]) if kk else "-",
-             res.get("selection", "-")]
-    return "| " + " | ".join(cells) + " |"
-
-
-def results_table(paths):
-    """One markdown table of many runs: each path a run folder or an eval.json."""
-    rows = []
-    for p in paths:
-        f = os.path.join(p, "eval.json") if os.path.isdir(p) else p
-        if not os.path.isfile(f):
-            raise UserError(f"--table: {p} has no eval.json (evaluate it first with --eval {p}/best.pt)")
-        with open(f) as fh:
-            rows.append(results_row(json.load(fh)))
-    return TABLE_HEADER + "\n" + "\n".join(rows)
-
-
 # =====================================================================================
-# 7. settings, run I/O and CLI
-#    Config (a training run) and EvalConfig (--eval) are dataclasses whose fields carry their CLI help,
-#    default and kind: the one source of the parser, run names, resume checks and config.json.
+# 1. settings
+#    Config (a training run), EvalConfig (--eval) and Actions are dataclasses whose fields carry their
+#    CLI help, default and kind: the one source of the parser, run names, resume checks and config.json.
 # =====================================================================================
 def parse_number(text):
     """'0.031' or '8/255' -> float."""
@@ -356,17 +108,26 @@ def default_device():
 class Config:
     """Every setting of a training run. One field = one flag (--name-with-dashes); exp_*.py scripts
     change the defaults (their DEFAULTS dict), --quick and --schedule fill in presets."""
-    dataset: str = setting(None, "cifar10/cifar100 (torchvision, downloaded to --data-dir) or tinyimagenet "
-                           "(--data-dir/tiny-imagenet-200); also the data of --eval of a bare state_dict", in_name=False, choices=sorted(TORCHVISION_SETS) + ["tinyimagenet"])
+    dataset: str = setting(
+        None,
+        "cifar10/cifar100 (torchvision, downloaded to --data-dir) or tinyimagenet "
+        "(--data-dir/tiny-imagenet-200); also the data of --eval of a bare state_dict",
+        in_name=False,
+        choices=sorted(TORCHVISION_SETS) + ["tinyimagenet"],
+    )
     image_size: int = setting(0, "resize images to this size first (0 = keep; Tiny ImageNet: 32)", type=int)
     data_dir: str = setting("./data", "where torchvision data sets / tiny-imagenet-200 live", PLACE)
-    data_file: str = setting("", "an .npz with x_train, y_train, x_test, y_test (uint8 NHWC) instead of torchvision", PLACE)
+    data_file: str = setting(
+        "", "an .npz with x_train, y_train, x_test, y_test (uint8 NHWC) instead of torchvision", PLACE
+    )
     train_n: int = setting(0, "use the first N >= 1 training images (not given: all)", type=count_arg)
     val_n: int = setting(1000, "hold the last N training images (after --train-n) out as the validation split that "
                          "picks best.pt (0 = none: best.pt is then picked on monitored test images; evaluate last.pt)",
                          type=int)
     test_n: int = setting(0, "use the first N >= 1 test images (not given: all)", type=count_arg)
-    method: str = setting("trades", "base method (standard = natural training)", in_name=False, choices=lambda: sorted(BASE_METHODS))
+    method: str = setting(
+        "trades", "base method (standard = natural training)", in_name=False, choices=lambda: sorted(BASE_METHODS)
+    )
     baselines: str = setting("official", "training attack starts and TRADES + LBGAT's loss: official (as the authors' "
                              "code, README) or release1 (this project's first release; runs saved before this setting "
                              "existed load as release1)", choices=["official", "release1"])
@@ -375,10 +136,13 @@ class Config:
                           "LBGAT's loss (no CE on M'), see README")
     lbgat0: bool = setting(False, "with --method at --lbgat: LBGAT's released LBGAT0 (lbgat.py with beta 0: TRADES' KL "
                            "attack, no CE on M') instead of the paper's Eq. 15")
-    lam: Lambda = setting(Lambda.parse("5"), "lambda: a number (5) or <c>a (20a) = c * a(t), a(t) = 2/(1+exp(-10t/T)) - 1",
-                          type=lam_arg)
+    lam: Lambda = setting(
+        Lambda.parse("5"), "lambda: a number (5) or <c>a (20a) = c * a(t), a(t) = 2/(1+exp(-10t/T)) - 1", type=lam_arg
+    )
     relation: str = setting("tp", "relation loss used by --train (tp = L_TP)", choices=lambda: sorted(RELATION_LOSSES))
-    tp_input: str = setting("adv", "features of M' in L_TP: M'(x') (adv, the paper) or M'(x) (nat)", choices=["adv", "nat"])
+    tp_input: str = setting(
+        "adv", "features of M' in L_TP: M'(x') (adv, the paper) or M'(x) (nat)", choices=["adv", "nat"]
+    )
     tp_reduction: str = setting("sum", "L_TP reduction (sum = Eq. 14; mean divides by the batch size)",
                                 choices=["sum", "mean"])
     tp_impl: str = setting("auto", "L_TP implementation: torch reference, triton kernel, or auto",
@@ -428,9 +192,12 @@ class Config:
     # itself (per-process graphs) and is named; global, the default, is the single-process loss.
     ddp: bool = setting(False, "multi-GPU under torchrun: torchrun --nproc_per_node G <script> ... --ddp; --batch-size "
                         "stays the global batch, each process takes 1/G of it (README: Fast path and multi-GPU)", PLACE)
-    tp_scope: str = setting("global", "--ddp: L_TP over the global batch (global: features gathered from every process) "
-                            "or over each process's shard (local: a coarser graph, ~G times smaller with sum reduction)",
-                            choices=["global", "local"])
+    tp_scope: str = setting(
+        "global",
+        "--ddp: L_TP over the global batch (global: features gathered from every process) "
+        "or over each process's shard (local: a coarser graph, ~G times smaller with sum reduction)",
+        choices=["global", "local"],
+    )
     sync_bn: bool = setting(False, "--ddp: SyncBatchNorm, batch statistics over the global batch (CUDA only)", PLACE)
     quick: bool = setting(False, "minutes-long CPU smoke run: cnn_small, subsets, few epochs and steps", in_name=False)
 
@@ -441,8 +208,10 @@ class Config:
     @classmethod
     def from_saved(cls, saved):
         """A run's saved settings over today's defaults: settings added since then take their default, or the
-        value that reproduces how the run was trained (FIRST_RELEASE); keys that are no settings any more (old
-        runs saved CLI actions too) are ignored."""
+        value that reproduces how the run was trained (FIRST_RELEASE: runs saved before validation splits and
+        --baselines existed had no split, so their best.pt was picked on monitored test images, and trained with
+        the first release's attack starts); keys that are no settings any more (old runs saved CLI actions too)
+        are ignored."""
         known = {f.name for f in fields(cls)}
         cfg = cls(**{**FIRST_RELEASE, **{k: v for k, v in saved.items() if k in known}})
         cfg.lam = Lambda.parse(cfg.lam)
@@ -486,7 +255,9 @@ class EvalConfig:
 @dataclass
 class Actions:
     """What the command line asks for, beyond the settings; never saved."""
-    eval: str = setting("", "evaluate a checkpoint: natural, PGD-20, CW-20, AutoAttack, kNN, test L_TP", CLI, metavar="CKPT")
+    eval: str = setting(
+        "", "evaluate a checkpoint: natural, PGD-20, CW-20, AutoAttack, kNN, test L_TP", CLI, metavar="CKPT"
+    )
     table: list = setting(None, "print one markdown table of evaluated runs", CLI, nargs="+", metavar="RUN")
     export: list = setting(None, "write CKPT's M' as a plain state_dict to FILE (TRADES' / RobustBench's WideResNet "
                            "key names for wrn34_10)", CLI, nargs=2, metavar=("CKPT", "FILE"))
@@ -505,14 +276,22 @@ class Parser(argparse.ArgumentParser):
 # Settings --quick changes: a minutes-long CPU run that exercises the whole pipeline.
 QUICK = {"arch": "cnn_small", "std_arch": "cnn_small", "epochs": 5, "milestones": [4], "train_n": 3072, "val_n": 500,
          "test_n": 1000, "eval_n": 1000, "steps": 3, "eval_steps": 5, "batch_size": 128}
+
+
 # Settings --fast changes (flags given explicitly still win).
 FAST = {"amp": "bf16", "channels_last": True, "compile": True, "cudnn_benchmark": True}
+
+
 # --schedule fills these where unset; LAS-AT (Tables III/IV) trains and evaluates at eps 8/255
 SCHEDULES = {"paper": {"epochs": 100, "milestones": [75, 90], "wd": 2e-4, "eps": 0.031},
              "las": {"epochs": 110, "milestones": [100, 105], "wd": 5e-4, "eps": 8 / 255}}
+
+
 # Settings added after the first release, with the value that reproduces a run saved before them (its config.json
 # lacks the key), so that such a run resumes exactly as it was trained; new runs get the field's default.
 FIRST_RELEASE = {"val_n": 0, "baselines": "release1"}
+
+
 GROUPS = ((Config, "run settings"), (EvalConfig, "evaluation (--eval CKPT; unset: the run's own eps and data)"),
           (Actions, "run folder, tables"))
 
@@ -589,9 +368,9 @@ def validate(cfg):
 
 # The lowest value of each numeric setting of Config and EvalConfig (lists: of each entry); where 0 is
 # allowed it means "all" or "off", as the flag's help says.
-LOWEST = {"image_size": 0, "train_n": 0, "val_n": 0, "test_n": 0, "steps": 1, "eval_steps": 1, "awp_warmup": 0, "seed": 0,
-          "milestones": 1, "lr": 0, "momentum": 0, "wd": 0, "beta": 0, "gamma": 0, "alp_weight": 0, "awp_gamma": 0,
-          "aa_n": 0, "knn_k": 1, "nbr_k": 1, "knn_train_n": 0, "eval_batch_size": 1, "cw_kappa": 0}
+LOWEST = {"image_size": 0, "train_n": 0, "val_n": 0, "test_n": 0, "steps": 1, "eval_steps": 1, "awp_warmup": 0,
+          "seed": 0, "milestones": 1, "lr": 0, "momentum": 0, "wd": 0, "beta": 0, "gamma": 0, "alp_weight": 0,
+          "awp_gamma": 0, "aa_n": 0, "knn_k": 1, "nbr_k": 1, "knn_train_n": 0, "eval_batch_size": 1, "cw_kappa": 0}
 
 
 def check_lowest(settings):
@@ -661,6 +440,11 @@ def name_base(defaults, cfg):
     return base
 
 
+# =====================================================================================
+# 2. run folders
+#    One process at a time (run_lock), checked before any work (check_writable), tidied after a kill -9
+#    (remove_stale_temps, drop_metrics_after), files written only once training starts (start_run_dir).
+# =====================================================================================
 RUN_FILES = ("config.json", "metrics.jsonl", "log.txt", "last.pt", "best.pt", "eval.json", "results.md")
 
 
@@ -678,7 +462,9 @@ def git_commit():
     try:
         here = os.path.dirname(os.path.abspath(__file__))
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=here, capture_output=True, text=True).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain"], cwd=here, capture_output=True, text=True
+        ).stdout.strip()
         return (sha + ("+dirty" if dirty else "")) or None
     except OSError:
         return None
@@ -713,6 +499,14 @@ def run_status(run_dir):
     return "done" if checkpoint_progress(last)["epoch"] >= load_run_config(run_dir).epochs else "partial"
 
 
+def checkpoint_progress(path):
+    """A checkpoint's progress (epoch, step) without reading its weights: memory-mapped, cheap for any size."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False, mmap=True)["progress"]
+    except Exception as e:
+        raise UserError(f"could not read checkpoint {path}: {type(e).__name__}: {e}")
+
+
 def load_run_config(run_dir):
     """The Config a run folder was trained with (its config.json)."""
     path = os.path.join(run_dir, "config.json")
@@ -734,8 +528,10 @@ def resume_config(run_dir, given):
         if kinds.get(k) == PLACE:
             setattr(cfg, k, v)
         elif kinds.get(k) == RUN and v != getattr(cfg, k) and k != "quick":
-            raise UserError(f"--resume: --{k.replace('_', '-')} {shown(v)} would change the run (it was trained with "
-                            f"{shown(getattr(cfg, k))}); only where it runs (--device, --data-file, --data-dir) may change")
+            raise UserError(
+                f"--resume: --{k.replace('_', '-')} {shown(v)} would change the run (it was trained with "
+                f"{shown(getattr(cfg, k))}); only where it runs (--device, --data-file, --data-dir) may change"
+            )
     return cfg
 
 
@@ -798,7 +594,9 @@ def acquire_lock(run_dir):
             os.makedirs(run_dir, exist_ok=True)
             fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as e:
-            raise UserError(f"cannot use {run_dir} as a run folder ({e.strerror or e}); choose another --out / --runs-dir")
+            raise UserError(
+                f"cannot use {run_dir} as a run folder ({e.strerror or e}); choose another --out / --runs-dir"
+            )
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -846,7 +644,9 @@ def check_writable(folder):
             fh.flush()
             os.fsync(fh.fileno())
     except OSError as e:
-        raise UserError(f"cannot write to {folder} ({e.strerror or e}); free space there or choose another folder") from None
+        raise UserError(
+            f"cannot write to {folder} ({e.strerror or e}); free space there or choose another folder"
+        ) from None
     finally:
         with contextlib.suppress(OSError):
             os.remove(probe)
@@ -930,6 +730,191 @@ def run(cfg, run_dir, resume=False, overwrite=False, command=""):
     return run_dir
 
 
+# =====================================================================================
+# 3. evaluation files
+#    --eval of a run checkpoint or a bare state_dict: load it (common.evaluate_models measures),
+#    merge the results into eval.json per metric, regenerate results.md; --export.
+# =====================================================================================
+def checkpoint_to_evaluate(cfg):
+    """best.pt when it was picked on held-out training data; else last.pt (a best.pt picked on test images
+    would be model selection on the test set; a standard model's PGD accuracy picks nothing useful)."""
+    return "best.pt" if cfg.val_n and BASE_METHODS[cfg.method].adversarial else "last.pt"
+
+
+STATE_DICT_FLAGS = ("arch", "dataset", "mean", "std")  # what --eval needs to know of a bare state_dict
+
+
+def eval_run_config(ck, ecfg, path):
+    """The settings --eval works with: the run's own (its data may have moved; --test-n subsets), or for a bare
+    state_dict those the flags give (state_dict_config)."""
+    if check_known_checkpoint(ck, path) == "state_dict":
+        return state_dict_config(ecfg)
+    given = [f"--{k}" for k in STATE_DICT_FLAGS if getattr(ecfg, k) is not None]
+    if given:
+        raise UserError(f"--eval uses the settings saved with the checkpoint: {', '.join(given)} cannot apply "
+                        "(they describe a bare state_dict)")
+    run_cfg = Config.from_saved(ck["config"])
+    for k in ("data_file", "data_dir", "test_n"):
+        if getattr(ecfg, k) is not None:
+            setattr(run_cfg, k, getattr(ecfg, k))
+    return run_cfg
+
+
+def state_dict_config(ecfg):
+    """Settings for a bare state_dict: M' = --arch on --dataset / --data-file (--data-dir, --test-n); eps: --eps,
+    else the paper's 0.031 (the schedule's default)."""
+    if not ecfg.arch:
+        raise UserError("--eval of a bare state_dict needs --arch (e.g. wrn34_10) and --dataset or --data-file")
+    if (ecfg.mean is None) != (ecfg.std is None) or (ecfg.mean is not None and (
+            len(ecfg.mean) != 3 or len(ecfg.std) != 3 or min(ecfg.std) <= 0)):
+        raise UserError("--mean and --std go together: three numbers each (per RGB channel), std > 0")
+    given = {k: getattr(ecfg, k) for k in ("arch", "dataset", "data_file", "data_dir", "test_n") if getattr(ecfg, k)}
+    cfg = make_config({}, {**given, "device": ecfg.device})
+    if not cfg.data_file and not cfg.dataset:
+        raise UserError("--eval of a bare state_dict needs --dataset or --data-file")
+    return cfg
+
+
+def eval_models(ck, run_cfg, ecfg, num_classes, device, path):
+    """The models of a run checkpoint, or M' alone from a bare state_dict (behind Normalized with --mean / --std);
+    in eval mode."""
+    if checkpoint_kind(ck) == "run":
+        models = build_models(run_cfg, num_classes, device)
+        for k, m in models.saved().items():
+            fit_weights(m, ck["models"].get(k), f"checkpoint {path} ({k})",
+                        "its saved arch " + {"adv": run_cfg.arch, "std": std_arch_of(run_cfg)}.get(k, "relation heads"))
+            m.eval()
+        return models
+    model = build_model(run_cfg.arch, num_classes).to(device)
+    fit_weights(model, bare_state_dict(ck), path, f"--arch {run_cfg.arch}")
+    if ecfg.mean is not None:
+        model = Normalized(model, ecfg.mean, ecfg.std).to(device)
+    return Models(model.eval())
+
+
+def checkpoint_facts(ck, path):
+    """eval.json's run, epoch and selection: 'best-by-val' / 'best-by-test' (a best.pt picked on the validation split /
+    on monitored test images; a best.pt that does not say was picked on test images), 'last', or 'state_dict'."""
+    path = os.path.abspath(path)
+    if checkpoint_kind(ck) == "state_dict":
+        return {"run": os.path.basename(path), "epoch": None, "selection": "state_dict"}
+    on = ck["progress"].get("selected_on") or ("test" if os.path.basename(path) == "best.pt" else None)
+    return {"run": os.path.basename(os.path.dirname(path)), "epoch": ck["progress"]["epoch"],
+            "selection": f"best-by-{on}" if on else "last"}
+
+
+def evaluate(ckpt_path, ecfg, out_dir=None, log=print):
+    """Every metric of the paper's tables for one checkpoint -> a dict (eval.json's content): loads the
+    checkpoint, its data and models, then common.evaluate_models.
+
+    ecfg: an EvalConfig. out_dir: where the AutoAttack log and the t-SNE picture go (None: no files);
+    write_eval() stores the results. Raises UserError, SanityError."""
+    device = torch.device(ecfg.device)
+    ck = load_checkpoint(ckpt_path, device)
+    run_cfg = eval_run_config(ck, ecfg, ckpt_path)
+    data = load_data(run_cfg, device)
+    models = eval_models(ck, run_cfg, ecfg, data.num_classes, device, ckpt_path)
+    if ecfg.eval_model == "std" and models.std is None:
+        raise UserError(f"--eval-model std: this checkpoint holds no standard model ({', '.join(models.saved())})")
+    eps = run_cfg.eps if ecfg.eps is None else ecfg.eps
+    res = {"checkpoint": os.path.abspath(ckpt_path), **checkpoint_facts(ck, ckpt_path),
+           "model": ecfg.eval_model, "arch": run_cfg.arch if ecfg.eval_model == "adv" else std_arch_of(run_cfg),
+           "eps": eps, "eps_255": eps * 255, "n_test": len(data.x_test),
+           "pgd_steps": ecfg.eval_steps, "pgd_step_size": ecfg.eval_step_size, "cw_kappa": ecfg.cw_kappa}
+    log(f"evaluating {ckpt_path} ({res['arch']}, epoch {res['epoch']}) on {len(data.x_test)} test images, "
+        f"eps {eps:.4f} ({eps * 255:.2f}/255)")
+    return evaluate_models(models, data, eps, ecfg, run_cfg, res, out_dir, log)
+
+
+# eval.json: the flat dict of evaluate() for one "row" (checkpoint file and epoch, model, eps, PGD steps, number of
+# test images), merged over evaluations of that row; rows evaluated under other settings are kept in "earlier".
+ROW_KEYS = ("model", "epoch", "eps", "pgd_steps", "pgd_step_size", "n_test")
+
+
+EVAL_FORMAT = 2  # 2: merged rows, results.md regenerated from eval.json
+
+
+# metric -> the settings beyond the row's that define its value (a change starts a new row)
+METRIC_SETTINGS = {"natural": (), "std_natural": (), "pgd": (), "cw": ("cw_kappa",), "aa": ("aa_n", "aa_attacks"),
+                   "knn": ("knn_train_n",), "test_ltp": (), "nbr": ()}
+
+
+def same_row(old, new):
+    """Whether new's values can stand next to old's in one row: same checkpoint, row settings, and the
+    same settings for every metric both measured."""
+    if os.path.basename(old.get("checkpoint", "")) != os.path.basename(new["checkpoint"]):
+        return False
+    if any(old.get(k) != new.get(k) for k in ROW_KEYS):
+        return False
+    both = [m for m in METRIC_SETTINGS if m in old and m in new]
+    return all(old.get(k) == new.get(k) for m in both for k in METRIC_SETTINGS[m])
+
+
+def merge_eval(old, new, log=print):
+    """eval.json after an evaluation: new's metrics over old's when they share a row (what new did not
+    measure stays), else new becomes the row and old moves to "earlier". Nothing is dropped."""
+    if not old:
+        return dict(new)
+    earlier = old.get("earlier", [])
+    old = {k: v for k, v in old.items() if k not in ("earlier", "legacy_rows", "format")}
+    if not same_row(old, new):
+        log(f"eval.json: the results of {row_label(old)} at eps {old.get('eps', 0) * 255:.2f}/255 stay in 'earlier'")
+        return {**new, "earlier": earlier + [old]}
+    again = [m for m in METRIC_SETTINGS if m in old and m in new and m not in ("knn", "nbr") and old[m] != new[m]]
+    if again:
+        log("eval.json: measured again with the same settings: "
+            + ", ".join(f"{m} {old[m]:.4f} -> {new[m]:.4f}" for m in again))
+    warnings = old.get("warnings", [])
+    merged = {**old, **new, "warnings": warnings + [w for w in new["warnings"] if w not in warnings],
+              "sanity": {**old.get("sanity", {}), **new["sanity"]}}
+    for m in ("knn", "nbr"):  # other k: both kept
+        if m in old and m in new:
+            merged[m] = {q: {**old[m].get(q, {}), **new[m][q]} for q in new[m]}
+    if len(old.get("worst_case_of", [])) > len(new["worst_case_of"]):  # the worst case over more attacks stays
+        merged.update({k: old[k] for k in ("worst_case", "worst_case_n", "worst_case_of") if k in old})
+    return {**merged, **({"earlier": earlier} if earlier else {})}
+
+
+def read_json(path):
+    """A JSON file written by us, or None when absent; an unreadable one is a UserError (never overwritten)."""
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path) as fh:
+            return json.load(fh)
+    except (OSError, ValueError) as e:
+        raise UserError(f"could not read {path} ({type(e).__name__}: {e}); move it away to write a new one")
+
+
+def write_text(path, text):
+    with open(path, "w") as fh:
+        fh.write(text)
+
+
+def write_atomic(path, text):
+    """A text file, atomically (save_atomic)."""
+    save_atomic(path, lambda tmp: write_text(tmp, text))
+
+
+def write_eval(res, run_dir, log=print):
+    """Merge res into run_dir's eval.json (merge_eval) and regenerate results.md from it, one line per row
+    of eval.json. A results.md of the older code (appended rows) is kept: its lines become "legacy_rows"."""
+    path, md = os.path.join(run_dir, "eval.json"), os.path.join(run_dir, "results.md")
+    old = read_json(path)
+    legacy = (old or {}).get("legacy_rows")
+    if "format" not in (old or {}) and os.path.isfile(md):  # a results.md of the code that appended rows
+        with open(md) as fh:
+            legacy = [line.rstrip("\n") for line in fh if line.strip()]
+    merged = {**merge_eval(old, res, log), "format": EVAL_FORMAT}
+    if legacy:
+        merged["legacy_rows"] = legacy
+    write_atomic(path, json.dumps(merged, indent=2))
+    rows = (legacy or []) + [results_row(r) for r in merged.get("earlier", []) + [merged]]
+    write_atomic(md, "\n".join(rows) + "\n")
+    log(TABLE_HEADER + "\n" + results_row(merged))
+    return merged
+
+
 def evaluate_run(ckpt, ecfg, out_dir, log=print):
     """--eval: evaluate ckpt and merge the results into out_dir's eval.json / results.md (write_eval),
     holding out_dir's lock; a folder that cannot take them is refused before any attack runs."""
@@ -952,6 +937,78 @@ def eval_config(given):
     return EvalConfig(**{k: v for k, v in given.items() if k in names})
 
 
+def export_state_dict(ckpt_path, out_path):
+    """--export CKPT FILE: M' of a run checkpoint as a plain state_dict ({name: tensor}, no 'module.'), the form public
+    releases take. A wrn34_10 loads strictly into RobustBench's WideResNet(depth=34, widen_factor=10)
+    (robustbench/model_zoo/architectures/wide_resnet.py) and into TRADES' models/wideresnet.py except that class's
+    unused sub_block1 (load_state_dict(..., strict=False) there)."""
+    ck = load_checkpoint(ckpt_path, "cpu")
+    if check_known_checkpoint(ck, ckpt_path) != "run":
+        raise UserError(f"--export: {ckpt_path} is a bare state_dict already")
+    try:
+        save_atomic(out_path, lambda tmp: torch.save(ck["models"]["adv"], tmp))
+    except (OSError, RuntimeError) as e:  # torch.save reports a missing folder as a RuntimeError
+        raise UserError(f"--export: could not write {out_path}: {e}")
+    return out_path
+
+
+# =====================================================================================
+# 4. tables
+#    --table RUN ...: one markdown row per evaluated run.
+# =====================================================================================
+TABLE_HEADER = ("| run | eps | Natural | PGD-20 | CW-20 | AA | kNN natural | kNN robust | checkpoint |\n"
+                "| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+
+
+def row_label(res):
+    """The run cell: run, model, checkpoint file and epoch, and the number of test images of every column."""
+    return (res["run"] + ("" if res.get("model", "adv") == "adv" else " (M)")
+            + f" ({os.path.basename(res.get('checkpoint', '?'))}, epoch {res.get('epoch')}, n={res.get('n_test')})")
+
+
+def aa_cell(res, pct):
+    """AA accuracy; when it ran on fewer images than the row: its n, and natural / PGD accuracy on those images."""
+    if res.get("aa") is None or res["aa_n"] == res["n_test"]:
+        return pct(res.get("aa"))
+    sub = res.get("aa_subset")
+    on_them = f"; natural {pct(sub['natural'])}, PGD-{res['pgd_steps']} {pct(sub['pgd'])} on them" if sub else ""
+    return f"{pct(res['aa'])} (n={res['aa_n']}{on_them})"
+
+
+def results_row(res, k="30"):
+    """One markdown row in the paper's column order; kNN at k=30 (or the first k evaluated). Every row says
+    how many test images each column used (row_label, aa_cell); the last
+    column says which checkpoint (checkpoint_facts' selection; '-' where eval.json lacks it)."""
+    def pct(v):
+        return "-" if v is None else f"{100 * v:.2f}"
+    knn = res.get("knn") or {}
+    kk = k if k in knn.get("natural", {}) else next(iter(knn.get("natural", {})), None)
+    steps_note = "" if res.get("pgd_steps", 20) == 20 else f" ({res['pgd_steps']} steps)"
+    aa = aa_cell(res, pct)
+    cells = [row_label(res), f"{res['eps'] * 255:.2f}/255",
+             pct(res.get("natural")), pct(res.get("pgd")) + steps_note * ("pgd" in res),
+             pct(res.get("cw")) + steps_note * ("cw" in res), aa,
+             pct(knn["natural"][kk]) if kk else "-", pct(knn["robust"][kk]) if kk else "-",
+             res.get("selection", "-")]
+    return "| " + " | ".join(cells) + " |"
+
+
+def results_table(paths):
+    """One markdown table of many runs: each path a run folder or an eval.json."""
+    rows = []
+    for p in paths:
+        f = os.path.join(p, "eval.json") if os.path.isdir(p) else p
+        if not os.path.isfile(f):
+            raise UserError(f"--table: {p} has no eval.json (evaluate it first with --eval {p}/best.pt)")
+        with open(f) as fh:
+            rows.append(results_row(json.load(fh)))
+    return TABLE_HEADER + "\n" + "\n".join(rows)
+
+
+# =====================================================================================
+# 5. the command line
+#    main(): the one argv parser and the one sys.exit of every experiment script.
+# =====================================================================================
 def script_prefix():
     base = os.path.basename(sys.argv[0])
     return base[4:-3] if base.startswith("exp_") and base.endswith(".py") else "run"
@@ -975,7 +1032,9 @@ def main(defaults, argv=None, prefix=None):
             evaluate_run(given["eval"], eval_config(given), out_dir)
             return out_dir
         cfg = make_config(defaults, given)
-        run_dir = given.get("out") or os.path.join(given.get("runs_dir", "runs"), run_name(cfg, name_base(defaults, cfg), prefix))
+        run_dir = given.get("out") or os.path.join(
+            given.get("runs_dir", "runs"), run_name(cfg, name_base(defaults, cfg), prefix)
+        )
         if given.get("resume"):
             check_run_dir(run_dir, True, False)
             cfg = resume_config(run_dir, given)

@@ -45,14 +45,16 @@ def test_evidence_variants_run_on_their_seeds_unless_named():
     assert sorted(s for k, _, s, _, _ in runs if k == "at_train_lam20a") == ab.EVIDENCE_VARIANT_SEEDS
     assert sorted(s for k, _, s, _, _ in runs if k == "at_train") == [1, 2, 3]
     named = ab.evidence_runs(["at_train_nat"], [2, 3])
-    assert [(k, s, st["tp_input"]) for k, _, s, st, _ in named] == [("at_train_nat", 2, "nat"), ("at_train_nat", 3, "nat")]
+    assert [(k, s, st["tp_input"]) for k, _, s, st, _ in named] == [("at_train_nat", 2, "nat"),
+                                                                     ("at_train_nat", 3, "nat")]
     assert all(("at", v) in ab.EVIDENCE_PAIRS for v in ab.EVIDENCE_VARIANTS)  # a dry run makes nothing
 
 
 def test_study_folders_use_the_run_naming_scheme(tmp_path):
     st = ab.Study(["--runs-dir", str(tmp_path), "--data-file", "/x/cifar10_small.npz", "--lr", "0.05"], quick=True)
     assert st.root == os.path.join(str(tmp_path), "ablations_quick_data-file-cifar10_small_lr-0.05")
-    assert os.path.basename(st.dir_of({"method": "at", "train": True, "relation": "mca"})) == "at_relation-mca_train_quick"
+    assert (os.path.basename(st.dir_of({"method": "at", "train": True, "relation": "mca"}))
+            == "at_relation-mca_train_quick")
     assert st.config({}).lr == 0.05  # passed-through flags reach every run ...
     assert st.config({"lr": 0.2}).lr == 0.2  # ... and a study's own setting wins over them
     with pytest.raises(common.UserError, match="--resume cannot be passed"):
@@ -63,8 +65,10 @@ def test_study_specific_runs():
     small, large = ab.backbones(quick=False)
     assert (small, large) == ("resnet18", "wrn34_10")
     runs = ab.study_std_backbone(False, None)
-    assert [s for _, s, _ in runs] == [{"method": "standard", "arch": "resnet18"}, {"train": True, "std_arch": "resnet18"},
-                                      {"method": "standard", "arch": "wrn34_10"}, {"train": True, "std_arch": "wrn34_10"}]
+    assert [s for _, s, _ in runs] == [{"method": "standard", "arch": "resnet18"},
+                                      {"train": True, "std_arch": "resnet18"},
+                                      {"method": "standard", "arch": "wrn34_10"},
+                                      {"train": True, "std_arch": "wrn34_10"}]
     runs = ab.study_pretrained_std(False, lambda s: "/runs/" + "_".join(f"{k}-{v}" for k, v in s.items()))
     star = runs[2][1]
     assert star["std_ckpt"] == "/runs/method-standard_arch-resnet18/last.pt" and star["freeze_std"]
@@ -154,7 +158,8 @@ def test_a_diverged_run_keeps_its_row_and_the_study_goes_on(tiny_npz, tmp_path, 
 # ------------------------------------------------------------------------------ the evidence study
 def fake_eval(rng, with_std):
     r = {"natural": rng.uniform(0.3, 0.7), "pgd": rng.uniform(0.1, 0.4), "cw": rng.uniform(0.1, 0.4),
-         "aa": rng.uniform(0.1, 0.4), "knn": {"natural": {"30": rng.uniform(0.3, 0.7)}, "robust": {"30": rng.uniform(0.1, 0.4)}}}
+         "aa": rng.uniform(0.1, 0.4), "knn": {"natural": {"30": rng.uniform(0.3, 0.7)},
+                                              "robust": {"30": rng.uniform(0.1, 0.4)}}}
     if with_std:
         r.update(test_ltp=rng.uniform(0.1, 2.0), std_natural=rng.uniform(0.5, 0.8))
     return r
@@ -188,7 +193,8 @@ def test_evidence_tables_against_hand_computation():
     assert gain[7].startswith(f"{statistics.mean(knn_diffs):.2f} ± ")
     paired = [l for l in table.splitlines() if l.startswith("| AT + TRAIN vs AT | ")]
     assert len(paired) == 4  # the gain row + one row per seed
-    assert f"| 2 | {100 * results['at'][2]['natural']:.2f} → {100 * results['at_train'][2]['natural']:.2f} |" in paired[2]
+    assert (f"| 2 | {100 * results['at'][2]['natural']:.2f} → "
+            f"{100 * results['at_train'][2]['natural']:.2f} |" in paired[2])
     assert "TRADES + TRAIN vs" not in table  # no pair without both sides
 
 

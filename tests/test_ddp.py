@@ -93,7 +93,8 @@ def fixed_start_pgd(model, x, loss_fn, eps, step_size, steps, start="uniform"):
 
 def step_cfg(method, **kw):
     cfg = runs.make_config(dict(dataset="cifar10"), {"device": "cpu"})
-    cfg.method, cfg.train, cfg.lam, cfg.arch, cfg.std_arch = method, True, common.Lambda.parse("5"), "tiny_test", "tiny_test"
+    cfg.method, cfg.train, cfg.lam, cfg.arch, cfg.std_arch = (method, True, common.Lambda.parse("5"),
+                                                              "tiny_test", "tiny_test")
     cfg.steps, cfg.eps, cfg.step_size, cfg.tp_impl, cfg.ddp, cfg.lr = 3, 8 / 255, 2 / 255, "torch", True, 0.05
     for k, v in kw.items():
         setattr(cfg, k, v)
@@ -300,7 +301,8 @@ def test_a_two_rank_run_writes_one_folder_resumes_exactly_and_loads_in_one_proce
     # the checkpoint is a plain one: keys unchanged, it evaluates and resumes in one process
     assert not any(n.startswith("module.") for m in full["models"].values() for n in m)
     capsys.readouterr()
-    common.main(DEFAULTS, ["--eval", str(root / "full" / "last.pt"), "--metrics", "nat", "--device", "cpu"], prefix="test")
+    common.main(DEFAULTS, ["--eval", str(root / "full" / "last.pt"), "--metrics", "nat", "--device", "cpu"],
+                prefix="test")
     assert json.load(open(root / "full" / "eval.json"))
     one = root / "cut_copy"  # interrupted with 2 processes, resumed in one (--ddp is a PLACE setting)
     at = torch.load(one / "last.pt", weights_only=False)["progress"]
@@ -323,7 +325,8 @@ TORCHRUN_ENV = dict(RANK="0", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PO
     ("2", [], "without --ddp"),
     (None, ["--sync-bn"], "--sync-bn needs --ddp"),
 ])
-def test_ddp_settings_that_cannot_run_are_one_line_errors(world, flags, needle, tiny_npz, tmp_path, monkeypatch, capsys):
+def test_ddp_settings_that_cannot_run_are_one_line_errors(world, flags, needle, tiny_npz, tmp_path, monkeypatch,
+                                                          capsys):
     for k in list(TORCHRUN_ENV) + ["WORLD_SIZE"]:
         monkeypatch.delenv(k, raising=False)
     if world:

@@ -110,7 +110,8 @@ def step_loss_and_grads(cfg, adv, std, x, y, seed):
 
 
 def reference_grads(loss, adv, std):
-    return {k: torch.autograd.grad(loss, list(m.parameters()), retain_graph=True) for k, m in (("adv", adv), ("std", std))}
+    return {k: torch.autograd.grad(loss, list(m.parameters()), retain_graph=True)
+            for k, m in (("adv", adv), ("std", std))}
 
 
 def lbgat_case(seed, **flags):
@@ -172,7 +173,8 @@ def test_lbgat_teacher_is_resnet18_lbgat_unless_given():
     cfg = make_config(lbgat=True, arch="cnn_small")
     assert common.std_arch_of(cfg) == "resnet18_lbgat"
     std = common.build_models(cfg, 10, torch.device("cpu")).std
-    assert [s[0].conv1.stride for s in (std.layer1, std.layer2, std.layer3, std.layer4)] == [(1, 1), (1, 1), (2, 2), (2, 2)]
+    assert ([s[0].conv1.stride for s in (std.layer1, std.layer2, std.layer3, std.layer4)]
+            == [(1, 1), (1, 1), (2, 2), (2, 2)])
     assert common.std_arch_of(make_config(train=True)) == "resnet18"
     assert common.std_arch_of(make_config(lbgat=True, std_arch="resnet18")) == "resnet18"
 
@@ -183,7 +185,8 @@ def test_lbgat_teacher_is_resnet18_lbgat_unless_given():
                                           (["--val-n", "64"], "--val-n 64 leaves no training images")])
 def test_bad_combinations_exit_2_with_one_line(flags, needle, tiny_npz, tmp_path):
     r = subprocess.run([sys.executable, "exp_cifar10.py", "--data-file", tiny_npz, "--out", str(tmp_path / "x"),
-                        "--device", "cpu", "--arch", "cnn_small", "--std-arch", "cnn_small", "--batch-size", "16", *flags],
+                        "--device", "cpu", "--arch", "cnn_small", "--std-arch", "cnn_small", "--batch-size", "16",
+                        *flags],
                        cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 2 and needle in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert not os.path.exists(tmp_path / "x")
@@ -198,7 +201,8 @@ def test_las_schedule_trains_and_evaluates_at_8_255(tiny_npz, tmp_path, capsys):
     common.main(DEFAULTS, tiny_args(tiny_npz, out, "--schedule", "las", "--epochs", "1", "--method", "at"), prefix="t")
     assert json.load(open(out / "config.json"))["config"]["eps"] == pytest.approx(8 / 255)
     capsys.readouterr()
-    common.main(DEFAULTS, ["--eval", str(out / "last.pt"), "--device", "cpu", "--metrics", "nat,pgd", "--eval-steps", "2"],
+    common.main(DEFAULTS, ["--eval", str(out / "last.pt"), "--device", "cpu", "--metrics", "nat,pgd",
+                           "--eval-steps", "2"],
                 prefix="t")
     assert "(8.00/255)" in capsys.readouterr().out
     assert json.load(open(out / "eval.json"))["eps"] == pytest.approx(8 / 255)
@@ -237,7 +241,8 @@ def test_validation_split_is_held_out_and_monitored(tiny_npz, tmp_path, monkeypa
 
 def test_best_pt_is_chosen_on_validation_not_test(tiny_npz, tmp_path, monkeypatch, capsys):
     """Test accuracy peaks in epoch 1, validation accuracy in epoch 2: best.pt must be epoch 2's."""
-    monkeypatch.setattr(common, "epoch_eval", lambda models, data, cfg, epoch: {"nat_acc": 0.5, "pgd2_acc": [0.9, 0.1][epoch - 1]})
+    monkeypatch.setattr(common, "epoch_eval", lambda models, data, cfg, epoch: {"nat_acc": 0.5,
+                                                                                "pgd2_acc": [0.9, 0.1][epoch - 1]})
     real_val = common.val_eval
     monkeypatch.setattr(common, "val_eval", lambda models, data, cfg, epoch: {**real_val(models, data, cfg, epoch),
                                                                               "val_pgd2_acc": [0.1, 0.9][epoch - 1]})
@@ -285,7 +290,8 @@ class RBBlock(nn.Module):
 class RBNetworkBlock(nn.Module):
     def __init__(self, n, c_in, c_out, stride):
         super().__init__()
-        self.layer = nn.Sequential(*[RBBlock(c_in if i == 0 else c_out, c_out, stride if i == 0 else 1) for i in range(n)])
+        self.layer = nn.Sequential(*[RBBlock(c_in if i == 0 else c_out, c_out, stride if i == 0 else 1)
+                                     for i in range(n)])
 
     def forward(self, x):
         return self.layer(x)
@@ -350,7 +356,8 @@ def test_eval_of_a_bare_state_dict_with_normalisation(wrap, tiny_npz, tmp_path):
     with np.load(tiny_npz) as z:
         x = torch.from_numpy(z["x_test"]).permute(0, 3, 1, 2).double() / 255
         y = torch.from_numpy(z["y_test"])
-    m, s = torch.tensor(mean, dtype=torch.float64).view(1, 3, 1, 1), torch.tensor(std, dtype=torch.float64).view(1, 3, 1, 1)
+    m, s = (torch.tensor(mean, dtype=torch.float64).view(1, 3, 1, 1),
+            torch.tensor(std, dtype=torch.float64).view(1, 3, 1, 1))
     with torch.no_grad():
         want = (model.double()((x - m) / s).argmax(1) == y).double().mean().item()
     assert res["natural"] == pytest.approx(want), f"seed {seed}"
@@ -362,7 +369,8 @@ def test_checkpoint_kind_and_bad_state_dicts(tmp_path, tiny_npz, capsys):
     state = common.build_model("cnn_small", 4).state_dict()
     run_checkpoint(tmp_path / "last.pt", common.build_model("cnn_small", 4), "cnn_small")
     with pytest.raises(SystemExit) as e:
-        common.main(DEFAULTS, ["--export", str(tmp_path / "last.pt"), str(tmp_path / "no" / "such" / "dir.pt")], prefix="t")
+        common.main(DEFAULTS, ["--export", str(tmp_path / "last.pt"), str(tmp_path / "no" / "such" / "dir.pt")],
+                    prefix="t")
     assert e.value.code == 2 and len(capsys.readouterr().err.strip().splitlines()) == 1
     assert common.checkpoint_kind({"models": {"adv": state}, "config": {}, "progress": {}}) == "run"
     assert common.checkpoint_kind(state) == common.checkpoint_kind({"state_dict": state}) == "state_dict"

@@ -107,7 +107,8 @@ def test_one_step_every_method(method, train, lbgat):
     snaps = {k: snapshot(m) for k, m in models.saved().items()}
     x, y = torch.rand(8, 3, 16, 16), torch.randint(0, 4, (8,))
     terms = common.train_step(models, opts, x, y, cfg, epoch=1)
-    assert ("tp" in terms) == train and ("lbgat_mse" in terms) == lbgat and ("ce_std" in terms) == (models.std is not None)
+    assert (("tp" in terms) == train and ("lbgat_mse" in terms) == lbgat
+            and ("ce_std" in terms) == (models.std is not None))
     assert all(torch.isfinite(v) for v in terms.values())
     for k, m in models.saved().items():
         assert changed(m, snaps[k]), f"{k} model did not change"

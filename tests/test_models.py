@@ -4,8 +4,8 @@ import torch
 
 import common
 
-FEATURE_DIMS = {"cnn_small": 128, "cnn6": 64, "cnn6x2": 128, "resnet18": 512, "resnet18_lbgat": 512, "preact_resnet18": 512, "wrn34_10": 640,
-                "mobilenet_v3": 1280}
+FEATURE_DIMS = {"cnn_small": 128, "cnn6": 64, "cnn6x2": 128, "resnet18": 512, "resnet18_lbgat": 512,
+                "preact_resnet18": 512, "wrn34_10": 640, "mobilenet_v3": 1280}
 
 
 @pytest.mark.parametrize("name", sorted(common.MODELS))

@@ -117,7 +117,8 @@ def test_resume_after_a_kill_between_metrics_row_and_checkpoint(finished, tmp_pa
     out = tmp_path / "r"
     real = common.save_checkpoint
 
-    def dying(path, models, opts, progress, cfg, scaler=None):  # epoch 2's row is in metrics.jsonl, last.pt half-written
+    # epoch 2's row is in metrics.jsonl, last.pt half-written
+    def dying(path, models, opts, progress, cfg, scaler=None):
         if progress["epoch"] == 2 and path.endswith("last.pt"):
             with open(f"{path}.tmp{os.getpid()}", "wb") as fh:
                 fh.write(b"half a checkpoint")
@@ -154,7 +155,8 @@ def test_a_start_that_fails_leaves_no_run_folder(case, finished, tmp_path, capsy
         assert os.listdir(out) == []
     else:
         assert not os.path.exists(tmp_path / "a")
-    run_main(tiny_args(write_npz(tmp_path / "good.npz"), out, "--method", "at", "--epochs", "1"))  # the command now works
+    # the command now works
+    run_main(tiny_args(write_npz(tmp_path / "good.npz"), out, "--method", "at", "--epochs", "1"))
 
 
 @pytest.mark.slow
@@ -265,7 +267,8 @@ def test_every_loader_is_validated(tmp_path, monkeypatch):
     cfg = runs.make_config(DEFAULTS, {"dataset": "cifar100", "data_dir": str(tmp_path)})
     assert common.load_data(cfg, "cpu").num_classes == 100
     real = common.load_torchvision
-    monkeypatch.setattr(common, "load_torchvision", lambda *a: ({**real(*a)[0], "y_test": np.full(5, 100)}, real(*a)[1]))
+    monkeypatch.setattr(common, "load_torchvision",
+                        lambda *a: ({**real(*a)[0], "y_test": np.full(5, 100)}, real(*a)[1]))
     with pytest.raises(common.UserError, match=r"y_test holds 5 labels outside \[0, 100\)"):
         common.load_data(cfg, "cpu")
     monkeypatch.setattr(common, "load_tinyimagenet_folder", lambda root: (

@@ -118,7 +118,8 @@ def test_a_run_logs_the_gradient_share_per_epoch(tiny_npz, tmp_path):
     for row in rows:
         assert row["grad/share"] > 0 and row["grad/tp_norm"] > 0 and row["grad/robust_norm"] > 0  # a mean of ratios
         assert -1 <= row["grad/cos"] <= 1 and "loss/grad/share" not in row
-        assert row["loss/total"] == pytest.approx(sum(v for k, v in row.items() if k.startswith("loss/") and k != "loss/total"))
+        assert row["loss/total"] == pytest.approx(sum(v for k, v in row.items()
+                                                      if k.startswith("loss/") and k != "loss/total"))
     common.main(DEFAULTS, tiny_args(tiny_npz, tmp_path / "b", "--method", "at", "--batch-size", "8"), prefix="t")
     assert not any(k.startswith("grad/") for k in json.loads(open(tmp_path / "b" / "metrics.jsonl").readline()))
 

@@ -84,7 +84,8 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_npz, tmp_path, monke
     assert e.value.code == 1
     assert weights(tmp_path / "nan")[2]["epoch"] == 1
     with open(tmp_path / "nan" / "log.txt") as fh:
-        assert f"epoch 2 (terms ['ce_adv']); lower --lr or --lam; the last good checkpoint is {tmp_path / 'nan' / 'last.pt'}" in fh.read()
+        assert (f"epoch 2 (terms ['ce_adv']); lower --lr or --lam; "
+                f"the last good checkpoint is {tmp_path / 'nan' / 'last.pt'}" in fh.read())
 
 
 @pytest.mark.slow
@@ -142,8 +143,8 @@ def test_npz_schema_errors(tmp_path):
     with pytest.raises(common.UserError, match="lacks the keys"):
         common.load_npz(str(bad))
     bad2 = tmp_path / "bad2.npz"
-    np.savez(bad2, x_train=np.zeros((2, 4, 4, 3), np.float32), y_train=np.zeros(2), x_test=np.zeros((2, 4, 4, 3), np.uint8),
-             y_test=np.zeros(2))
+    np.savez(bad2, x_train=np.zeros((2, 4, 4, 3), np.float32), y_train=np.zeros(2),
+             x_test=np.zeros((2, 4, 4, 3), np.uint8), y_test=np.zeros(2))
     with pytest.raises(common.UserError, match="uint8 NHWC"):
         common.load_npz(str(bad2))
 
@@ -208,6 +209,7 @@ def test_resume_refuses_flags_that_change_the_run(tiny_npz, tmp_path):
     out = tmp_path / "r"
     run_main(tiny_args(tiny_npz, out, "--method", "at", "--epochs", "1"))
     r = cli("--data-file", tiny_npz, "--out", str(out), "--device", "cpu", "--resume", "--lr", "0.05")
-    assert r.returncode == 2 and "--lr 0.05 would change the run" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert (r.returncode == 2 and "--lr 0.05 would change the run" in r.stderr
+            and len(r.stderr.strip().splitlines()) == 1)
     r = cli("--eval", str(out / "last.pt"), "--arch", "resnet18")
     assert r.returncode == 2 and "--arch cannot apply" in r.stderr

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 import common
+import tinyimagenet
 
 
 WNIDS = ["n02", "n01", "n03"]  # unsorted on purpose: labels must follow the sorted order
@@ -42,7 +43,7 @@ def make_tin(root, wnids_file=True, gray=True):
 def test_tinyimagenet_parse(tmp_path, wnids_file):
     from PIL import Image
     root = make_tin(tmp_path / "tiny-imagenet-200", wnids_file=wnids_file)
-    arrays, names = common.load_tinyimagenet_folder(str(root), cache=False)
+    arrays, names = tinyimagenet.load_tinyimagenet_folder(str(root), cache=False)
     assert names == ["n01", "n02", "n03"]
     assert arrays["x_train"].shape == (12, 64, 64, 3) and arrays["x_train"].dtype == np.uint8
     assert arrays["x_test"].shape == (6, 64, 64, 3)
@@ -55,14 +56,14 @@ def test_tinyimagenet_parse(tmp_path, wnids_file):
     assert np.array_equal(g[..., 0], g[..., 1]) and np.array_equal(g[..., 0], g[..., 2])
     with Image.open(root / "val" / "images" / "val_1.JPEG") as im:
         assert np.array_equal(arrays["x_test"][1], np.asarray(im.convert("RGB")))
-    assert not (root / common.TINYIMAGENET_CACHE).exists()
+    assert not (root / tinyimagenet.TINYIMAGENET_CACHE).exists()
 
 
 def test_tinyimagenet_cache_reused_and_refreshed(tmp_path, monkeypatch):
     import PIL.Image
     root = make_tin(tmp_path / "tiny-imagenet-200")
-    arrays, names = common.load_tinyimagenet_folder(str(root))
-    cache = root / common.TINYIMAGENET_CACHE
+    arrays, names = tinyimagenet.load_tinyimagenet_folder(str(root))
+    cache = root / tinyimagenet.TINYIMAGENET_CACHE
     assert cache.exists() and not [p for p in os.listdir(root) if ".tmp" in p]
     real_open = PIL.Image.open
 
@@ -70,16 +71,16 @@ def test_tinyimagenet_cache_reused_and_refreshed(tmp_path, monkeypatch):
         raise AssertionError("decoded although the cache is fresh")
 
     monkeypatch.setattr(PIL.Image, "open", no_decoding)
-    again, names2 = common.load_tinyimagenet_folder(str(root))
+    again, names2 = tinyimagenet.load_tinyimagenet_folder(str(root))
     assert names2 == names and all(np.array_equal(again[k], arrays[k]) for k in arrays)
     # a class folder changed after the cache was written: decode again
     t = os.path.getmtime(cache) + 10
     os.utime(root / "train" / "n02" / "images", (t, t))
     with pytest.raises(AssertionError, match="decoded"):
-        common.load_tinyimagenet_folder(str(root))
+        tinyimagenet.load_tinyimagenet_folder(str(root))
     monkeypatch.setattr(PIL.Image, "open", real_open)
     old = os.stat(cache).st_mtime_ns
-    fresh, _ = common.load_tinyimagenet_folder(str(root))
+    fresh, _ = tinyimagenet.load_tinyimagenet_folder(str(root))
     assert np.array_equal(fresh["x_train"], arrays["x_train"])
     assert os.stat(cache).st_mtime_ns != old  # rewritten
     with np.load(cache) as z:
@@ -88,37 +89,37 @@ def test_tinyimagenet_cache_reused_and_refreshed(tmp_path, monkeypatch):
 
 def test_tinyimagenet_corrupt_cache_is_rebuilt(tmp_path):
     root = make_tin(tmp_path / "tiny-imagenet-200")
-    arrays, _ = common.load_tinyimagenet_folder(str(root))
-    (root / common.TINYIMAGENET_CACHE).write_bytes(b"not a zip")
-    again, _ = common.load_tinyimagenet_folder(str(root))
+    arrays, _ = tinyimagenet.load_tinyimagenet_folder(str(root))
+    (root / tinyimagenet.TINYIMAGENET_CACHE).write_bytes(b"not a zip")
+    again, _ = tinyimagenet.load_tinyimagenet_folder(str(root))
     assert np.array_equal(again["x_test"], arrays["x_test"])
 
 
 def test_tinyimagenet_errors(tmp_path):
     with pytest.raises(ValueError, match="not found"):
-        common.load_tinyimagenet_folder(str(tmp_path / "nope"))
+        tinyimagenet.load_tinyimagenet_folder(str(tmp_path / "nope"))
     root = make_tin(tmp_path / "a")
     os.remove(root / "val" / "val_annotations.txt")
     with pytest.raises(ValueError, match="val_annotations.txt is missing"):
-        common.load_tinyimagenet_folder(str(root))
+        tinyimagenet.load_tinyimagenet_folder(str(root))
     root = make_tin(tmp_path / "b")
     for w in WNIDS:
         for n in os.listdir(root / "train" / w / "images"):
             os.remove(root / "train" / w / "images" / n)
     with pytest.raises(ValueError, match="no images"):
-        common.load_tinyimagenet_folder(str(root))
+        tinyimagenet.load_tinyimagenet_folder(str(root))
     root = make_tin(tmp_path / "c")
     os.remove(root / "val" / "images" / "val_2.JPEG")
     with pytest.raises(ValueError, match="val_2.JPEG"):
-        common.load_tinyimagenet_folder(str(root))
+        tinyimagenet.load_tinyimagenet_folder(str(root))
     root = make_tin(tmp_path / "d")
     with open(root / "val" / "val_annotations.txt", "a") as f:
         f.write("val_9.JPEG\tn99\t0\t0\t1\t1\n")
     with pytest.raises(ValueError, match="line 7"):
-        common.load_tinyimagenet_folder(str(root))
+        tinyimagenet.load_tinyimagenet_folder(str(root))
     (tmp_path / "e").mkdir()
     with pytest.raises(ValueError, match="train is missing"):
-        common.load_tinyimagenet_folder(str(tmp_path / "e"))
+        tinyimagenet.load_tinyimagenet_folder(str(tmp_path / "e"))
 
 
 def test_resize_images():
