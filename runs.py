@@ -120,11 +120,11 @@ class Config:
     data_file: str = setting(
         "", "an .npz with x_train, y_train, x_test, y_test (uint8 NHWC) instead of torchvision", PLACE
     )
-    train_n: int = setting(0, "use the first N >= 1 training images (not given: all)", type=count_arg)
+    train_n: int = setting(0, "use the first N >= 1 training images", type=count_arg)
     val_n: int = setting(1000, "hold the last N training images (after --train-n) out as the validation split that "
                          "picks best.pt (0 = none: best.pt is then picked on monitored test images; evaluate last.pt)",
                          type=int)
-    test_n: int = setting(0, "use the first N >= 1 test images (not given: all)", type=count_arg)
+    test_n: int = setting(0, "use the first N >= 1 test images", type=count_arg)
     method: str = setting(
         "trades", "base method (standard = natural training)", in_name=False, choices=lambda: sorted(BASE_METHODS)
     )
@@ -319,8 +319,13 @@ def build_parser(defaults):
                 kw["choices"] = kw["choices"]()
             if f.type is bool or f.type == "bool":
                 kw["action"] = "store_true"
+            text = "all" if kw.get("type") is count_arg and default == 0 else shown(default)
+            if cls is Config:  # what a preset puts in place of the script's value (make_config's precedence)
+                text += "".join(f"; {flag}: {shown(preset[f.name])}" for flag, preset in (("--quick", QUICK),
+                                                                                           ("--fast", FAST))
+                                if f.name in preset and preset_applies(f.name, defaults))
             group.add_argument("--" + f.name.replace("_", "-"), dest=f.name, default=argparse.SUPPRESS,
-                               help=f"{f.metadata['help']} (default: {shown(default)})", **kw)
+                               help=f"{f.metadata['help']} (default: {text})", **kw)
     return p
 
 
@@ -329,15 +334,24 @@ def parse_flags(defaults, argv=None):
     return vars(build_parser(defaults).parse_args(argv))
 
 
+def preset_applies(name, defaults):
+    """Whether --quick / --fast may set `name`: the script's DEFAULTS leave it at the paper's value (the field's
+    default) or do not set it; a value the script's author chose stays."""
+    f = next(f for f in fields(Config) if f.name == name)
+    paper = f.default if f.default_factory is MISSING else f.default_factory()
+    return name not in defaults or defaults[name] == paper
+
+
 def make_config(defaults, given):
-    """Config from: field defaults < the script's DEFAULTS < the --quick / --fast presets < the flags given, then
-    --schedule fills epochs / milestones / wd / eps where still unset."""
+    """Config from: field defaults (the paper's settings) < the --quick / --fast presets < the script's own choices
+    (DEFAULTS that differ from the paper's) < the flags given; then --schedule fills epochs / milestones / wd / eps
+    where still unset. So a preset replaces what a script restates from the paper (arch wrn34_10 -> cnn_small under
+    --quick), never what its author changed (a copied script's arch cnn6 stays cnn6)."""
     names = {f.name for f in fields(Config)}
     values = dict(defaults)
-    if given.get("quick", defaults.get("quick")):
-        values.update(QUICK)
-    if given.get("fast", defaults.get("fast")):
-        values.update(FAST)
+    presets = {**(QUICK if given.get("quick", defaults.get("quick")) else {}),
+               **(FAST if given.get("fast", defaults.get("fast")) else {})}
+    values.update({k: v for k, v in presets.items() if preset_applies(k, defaults)})
     values.update({k: v for k, v in given.items() if k in names})
     cfg = Config(**values)
     for k, v in SCHEDULES[cfg.schedule].items():
@@ -427,7 +441,9 @@ def run_name(cfg, base, prefix=""):
         v = getattr(cfg, f.name)
         if f.metadata["kind"] == RUN and f.metadata["in_name"] and v != getattr(base, f.name):
             parts.append(name_part(f.name, v))
-    if cfg.quick:
+    if cfg.quick:  # a quick run names the nets it trained when they are not the preset's (a script's own choice)
+        parts += [name_part(k, getattr(cfg, k)) for k in ("arch", "std_arch")
+                  if getattr(cfg, k) != QUICK[k] and name_part(k, getattr(cfg, k)) not in parts]
         parts.append("quick")
     return "_".join(parts)
 

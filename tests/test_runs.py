@@ -202,3 +202,21 @@ def test_help_shows_every_flag_with_help_and_default():
         assert flag in text, flag
     assert text.count("(default: ") >= len({f.name for f in fields(runs.Config)})
     assert "--lam LAM" in text and "(default: 5)" in text and "(default: wrn34_10)" in text
+
+
+def test_quick_replaces_the_papers_settings_not_a_scripts_own_choice(capsys):
+    paper = dict(dataset="cifar10", method="trades", lam="5", arch="wrn34_10")  # exp_cifar10.py's DEFAULTS
+    copied = {**paper, "arch": "cnn6", "epochs": 3}  # a copied script whose author chose cnn6 and 3 epochs
+    assert runs.make_config(paper, {"quick": True}).arch == "cnn_small"
+    cfg = runs.make_config(copied, {"quick": True})
+    assert (cfg.arch, cfg.epochs, cfg.std_arch, cfg.train_n) == ("cnn6", 3, "cnn_small", runs.QUICK["train_n"])
+    assert runs.make_config(copied, {"quick": True, "arch": "resnet18"}).arch == "resnet18"  # a flag wins
+    name = runs.run_name(cfg, runs.name_base(copied, cfg), "copy")
+    assert name == "copy_trades_arch-cnn6_quick"  # the name says the net that was trained
+    assert runs.run_name(runs.make_config(paper, {"quick": True}), runs.make_config(paper, {"quick": True})) == \
+        "trades_quick"
+    help_of = lambda defaults: " ".join(runs.build_parser(defaults).format_help().split())
+    assert "(default: wrn34_10; --quick: cnn_small)" in help_of(paper)
+    assert "(default: cnn6)" in help_of(copied) and "(default: 3)" in help_of(copied)
+    assert "use the first N >= 1 training images (default: all; --quick: 3072)" in help_of(paper)
+    assert "(default: 1000; --quick: 500)" in help_of(paper) and "(default: off; --fast: bf16)" in help_of(paper)
