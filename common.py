@@ -1220,6 +1220,8 @@ def load_checkpoint(path, device):
     try:
         return torch.load(path, map_location=device, weights_only=False)
     except Exception as e:
+        if not zipfile.is_zipfile(path):  # torch.save writes a zip archive; anything else is no checkpoint of ours
+            raise UserError(f"{path} is not a checkpoint (torch.load cannot read it: {type(e).__name__})")
         raise UserError(f"could not read checkpoint {path}: {type(e).__name__}: {e}")
 
 

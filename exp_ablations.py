@@ -120,6 +120,7 @@ class Study:
             raise common.UserError(f"{', '.join('--' + k.replace('_', '-') for k in bad)} "
                                    "cannot be passed to a study's runs")
         self.quick = quick
+        defaults = runs.fit_dataset_label(defaults, self.given)  # --data-file: a dataset label that describes it
         self.base = runs.make_config(defaults, {**(STUDY_QUICK if quick else {}), **self.given})
         self.eval_given = {k: v for k, v in self.given.items()
                            if k in {f.name for f in dataclasses.fields(runs.EvalConfig)} - {"eps", "test_n"}}
@@ -282,7 +283,7 @@ EVIDENCE_CONFIGS = [("standard", "Standard", {"method": "standard"}),
                     ("at_train", "AT + TRAIN", {"method": "at", "train": True}),
                     ("trades", "TRADES", {"method": "trades"}),
                     ("trades_train", "TRADES + TRAIN", {"method": "trades", "train": True}),
-                    # variants of AT + TRAIN (issue 13: what was tried), on EVIDENCE_VARIANT_SEEDS unless named
+                    # variants of AT + TRAIN (what else was tried), on EVIDENCE_VARIANT_SEEDS unless named
                     ("at_train_lam20a", "AT + TRAIN, lambda 20a",
                      {"method": "at", "train": True, "lam": common.Lambda.parse("20a")}),
                     ("at_train_lam1", "AT + TRAIN, lambda 1",

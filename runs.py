@@ -264,7 +264,7 @@ class Actions:
     out: str = setting("", "run folder (default: <runs-dir>/<name from the non-default flags>)", CLI)
     runs_dir: str = setting("runs", "where run folders are made", CLI)
     resume: bool = setting(False, "continue the run in its folder from last.pt", CLI)
-    overwrite: bool = setting(False, "replace an existing run folder's files", CLI)
+    overwrite: bool = setting(False, "replace an existing run folder's files (with --export: the existing FILE)", CLI)
 
 
 class Parser(argparse.ArgumentParser):
@@ -340,6 +340,35 @@ def preset_applies(name, defaults):
     f = next(f for f in fields(Config) if f.name == name)
     paper = f.default if f.default_factory is MISSING else f.default_factory()
     return name not in defaults or defaults[name] == paper
+
+
+DATASET_CLASSES = {**{name: n for name, (_, n) in TORCHVISION_SETS.items()}, "tinyimagenet": 200}
+
+
+def npz_class_count(path):
+    """The class count of an .npz data file from its labels alone (np.load reads arrays lazily); None if unreadable."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            if "class_names" in z.files:
+                return len(z["class_names"])
+            return int(max(z["y_train"].max(), z["y_test"].max())) + 1
+    except Exception:  # load_data reports a bad file in one line later
+        return None
+
+
+def fit_dataset_label(defaults, given):
+    """-> defaults whose dataset label describes --data-file: the script's label (e.g. exp_ablations' cifar100)
+    gives way to the one with the file's class count (10: cifar10, 100: cifar100, 200: tinyimagenet; else none),
+    so config.json never calls 10-class data cifar100; a --dataset typed against the file is refused."""
+    path = given.get("data_file") or defaults.get("data_file")
+    n = npz_class_count(path) if path and os.path.isfile(path) else None
+    label = given.get("dataset", defaults.get("dataset"))
+    if n is None or DATASET_CLASSES.get(label) == n:
+        return defaults
+    if "dataset" in given:
+        raise UserError(f"--dataset {label} has {DATASET_CLASSES.get(label)} classes but --data-file {path} has {n}; "
+                        "leave --dataset out (the file decides) or give the matching one")
+    return {**defaults, "dataset": next((k for k, c in DATASET_CLASSES.items() if c == n), None)}
 
 
 def make_config(defaults, given):
@@ -953,11 +982,13 @@ def eval_config(given):
     return EvalConfig(**{k: v for k, v in given.items() if k in names})
 
 
-def export_state_dict(ckpt_path, out_path):
+def export_state_dict(ckpt_path, out_path, overwrite=False):
     """--export CKPT FILE: M' of a run checkpoint as a plain state_dict ({name: tensor}, no 'module.'), the form public
     releases take. A wrn34_10 loads strictly into RobustBench's WideResNet(depth=34, widen_factor=10)
     (robustbench/model_zoo/architectures/wide_resnet.py) and into TRADES' models/wideresnet.py except that class's
     unused sub_block1 (load_state_dict(..., strict=False) there)."""
+    if os.path.exists(out_path) and not overwrite:
+        raise UserError(f"--export: {out_path} exists; pass --overwrite to replace it, or choose another file")
     ck = load_checkpoint(ckpt_path, "cpu")
     if check_known_checkpoint(ck, ckpt_path) != "run":
         raise UserError(f"--export: {ckpt_path} is a bare state_dict already")
@@ -1041,12 +1072,14 @@ def main(defaults, argv=None, prefix=None):
             print(results_table(given["table"]))
             return None
         if given.get("export"):
-            print(f"wrote M' of {given['export'][0]} as a plain state_dict to {export_state_dict(*given['export'])}")
+            out = export_state_dict(*given["export"], overwrite=given.get("overwrite", False))
+            print(f"wrote M' of {given['export'][0]} as a plain state_dict to {out}")
             return given["export"][1]
         if given.get("eval"):
             out_dir = os.path.dirname(os.path.abspath(given["eval"]))
             evaluate_run(given["eval"], eval_config(given), out_dir)
             return out_dir
+        defaults = fit_dataset_label(defaults, given)
         cfg = make_config(defaults, given)
         run_dir = given.get("out") or os.path.join(
             given.get("runs_dir", "runs"), run_name(cfg, name_base(defaults, cfg), prefix)

@@ -419,7 +419,7 @@ def test_aa_on_a_subset_stores_natural_and_pgd_on_it_and_the_row_says_each_n(run
     ("bare state_dict", "--eval of a bare state_dict needs --arch"),
     ("dict without config", "is not a TRAIN checkpoint"),
     ("a list", "is not a TRAIN checkpoint (it holds a list"),
-    ("not a torch file", "could not read checkpoint"),
+    ("not a torch file", "is not a checkpoint (torch.load cannot read it"),
     ("weights of another arch", "does not fit its saved arch cnn6"),
     ("data with another class count", "was trained on 4 classes, but the data set has 6"),
 ])
@@ -442,3 +442,29 @@ def test_foreign_checkpoints_are_one_line_errors(run_copy, case, needle, tmp_pat
         extra = ["--data-file", write_npz(tmp_path / "six.npz", classes=6)]
     assert needle in refused(["--eval", str(path), "--device", "cpu", *extra], capsys)
     assert not os.path.exists(tmp_path / "eval.json")
+
+
+def test_a_data_file_decides_the_dataset_label(tmp_path, capsys):
+    """config.json never calls 10-class data cifar100: the script's label gives way to the file's class count;
+    a --dataset typed against the file is refused in one line."""
+    import exp_ablations as ab
+    ten = write_npz(tmp_path / "ten.npz", classes=10)
+    run_main(tiny_args(ten, tmp_path / "r", "--method", "at", "--epochs", "1"), {**DEFAULTS, "dataset": "cifar100"})
+    assert json.load(open(tmp_path / "r" / "config.json"))["config"]["dataset"] == "cifar10"
+    four = write_npz(tmp_path / "four.npz", classes=4)
+    run_main(tiny_args(four, tmp_path / "r4", "--method", "at", "--epochs", "1"), {**DEFAULTS, "dataset": "cifar100"})
+    assert json.load(open(tmp_path / "r4" / "config.json"))["config"]["dataset"] is None  # no label fits
+    err = refused(tiny_args(ten, tmp_path / "bad", "--dataset", "cifar100"), capsys)
+    assert "--dataset cifar100 has 100 classes but --data-file" in err and not (tmp_path / "bad").exists()
+    assert ab.Study(["--data-file", ten]).base.dataset == "cifar10"  # exp_ablations' DEFAULTS say cifar100
+
+
+def test_export_never_overwrites_without_being_asked(run_copy, tmp_path, capsys):
+    _, out = run_copy
+    target = tmp_path / "m.pt"
+    target.write_text("someone's file")
+    err = refused(["--export", str(out / "last.pt"), str(target)], capsys)
+    assert "exists; pass --overwrite" in err and target.read_text() == "someone's file"
+    run_main(["--export", str(out / "last.pt"), str(target), "--overwrite"])
+    saved = torch.load(out / "last.pt", weights_only=False)["models"]["adv"]
+    assert set(torch.load(target, weights_only=True)) == set(saved)
