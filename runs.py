@@ -26,6 +26,7 @@ from common import (AMP_DTYPES, BASE_METHODS, Diverged, EVAL_METRICS, FolderInUs
                     Normalized, RELATION_LOSSES, SanityError, TORCHVISION_SETS, UserError, bare_state_dict,
                     build_model, build_models, check_known_checkpoint, checkpoint_kind, evaluate_models, fit_weights,
                     hold_out_validation, load_checkpoint, load_data, save_atomic, std_arch_of, train)
+from kernels import triton_available
 
 
 # =====================================================================================
@@ -364,6 +365,20 @@ def validate(cfg):
     if problem:
         raise UserError(problem)
     check_lowest(cfg)
+    check_backends(cfg)
+
+
+def check_backends(cfg):
+    """What the settings need of this machine beyond --device: the Triton kernel and autocast in --amp's dtype.
+    Checked here because they would otherwise fail at the first step, after the run folder's files exist."""
+    kind = torch.device(cfg.device).type
+    if cfg.tp_impl == "triton" and not triton_available(kind):
+        raise UserError(f"--tp-impl triton needs triton and a CUDA --device (or TRITON_INTERPRET=1 on the CPU, "
+                        f"for tests), not {cfg.device}; use --tp-impl auto or torch")
+    if cfg.amp != "off" and not torch.amp.is_autocast_available(kind):
+        raise UserError(f"--amp {cfg.amp}: autocast does not run on --device {cfg.device}; use --amp off")
+    if cfg.amp == "bf16" and kind == "cuda" and not torch.cuda.is_bf16_supported():
+        raise UserError("--amp bf16: this GPU has no bfloat16 support; use --amp fp16 or --amp off")
 
 
 # The lowest value of each numeric setting of Config and EvalConfig (lists: of each entry); where 0 is
@@ -471,22 +486,46 @@ def git_commit():
 
 
 def check_run_dir(run_dir, resume, overwrite):
-    """Refuse an existing run without resume / overwrite, and a resume without a checkpoint."""
+    """Refuse an existing run without resume / overwrite, and a resume without a checkpoint. A folder that
+    holds only what a failed start left (failed_start) is no run: the same command starts it again."""
     if resume:
         if not os.path.isfile(os.path.join(run_dir, "last.pt")):
-            raise UserError(f"--resume: no checkpoint {os.path.join(run_dir, 'last.pt')} to resume from")
+            again = ("; it stopped before its first checkpoint: run the same command without --resume to start "
+                     "it again") if failed_start(run_dir) else ""
+            raise UserError(f"--resume: no checkpoint {os.path.join(run_dir, 'last.pt')} to resume from{again}")
         return
     existing = [f for f in RUN_FILES if os.path.exists(os.path.join(run_dir, f))]
-    if existing and not overwrite:
+    if existing and not overwrite and not failed_start(run_dir):
         raise UserError(f"run folder {run_dir} already holds a run ({', '.join(existing)}); "
                         "pass --resume to continue it, --overwrite to replace it, or --out elsewhere")
 
 
-def init_run_dir(run_dir):
-    """Create the folder and clear an old run's files (only reached with --overwrite)."""
+# What a start that failed before its first checkpoint leaves: nothing trained, measured or evaluated.
+FAILED_START_FILES = {"config.json", "log.txt"}
+
+
+def failed_start(run_dir):
+    """The config.json of a start that stopped before its first checkpoint (a step that failed, a kill in epoch 1)
+    when run_dir holds nothing else of a run but its log.txt; else None. Only a config.json we wrote counts:
+    any other file of that name is someone's and stays."""
+    existing = {f for f in RUN_FILES if os.path.exists(os.path.join(run_dir, f))}
+    if "config.json" not in existing or not existing <= FAILED_START_FILES:
+        return None
+    try:
+        with open(os.path.join(run_dir, "config.json")) as fh:
+            saved = json.load(fh)
+        Config.from_saved(saved["config"])
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+    return saved
+
+
+def init_run_dir(run_dir, keep=()):
+    """Create the folder and clear an old run's files but keep (reached with --overwrite, or to start again
+    after a failed start)."""
     os.makedirs(run_dir, exist_ok=True)
     for f in RUN_FILES:
-        if os.path.exists(os.path.join(run_dir, f)):
+        if f not in keep and os.path.exists(os.path.join(run_dir, f)):
             os.remove(os.path.join(run_dir, f))
 
 
@@ -693,13 +732,19 @@ def already_finished(run_dir, cfg):
 
 def start_run_dir(run_dir, cfg, resume, command, log):
     """The run folder's files, written once training is sure to start: a new run's config.json (after
-    --overwrite cleared the old run's files); a resumed run drops what a killed process left behind."""
+    --overwrite cleared the old run's files; after a failed start its log.txt stays, and says what that start
+    was); a resumed run drops what a killed process left behind."""
+    earlier = None if resume else failed_start(run_dir)
     if not resume:
-        init_run_dir(run_dir)
-        with open(os.path.join(run_dir, "config.json"), "w") as fh:
-            json.dump({"config": cfg.to_dict(), "versions": versions(), "git_commit": git_commit(), "command": command,
-                       "started": time.strftime("%Y-%m-%d %H:%M:%S")}, fh, indent=2)
+        init_run_dir(run_dir, keep=("log.txt",) if earlier else ())
+        # atomic: a full disk leaves no torn config.json, so the folder stays a failed start the command restarts
+        write_atomic(os.path.join(run_dir, "config.json"), json.dumps(
+            {"config": cfg.to_dict(), "versions": versions(), "git_commit": git_commit(), "command": command,
+             "started": time.strftime("%Y-%m-%d %H:%M:%S")}, indent=2))
     log(f"run folder: {run_dir}")
+    if earlier:
+        log(f"the start of {earlier.get('started', '?')} ({earlier.get('command') or 'command not recorded'}) "
+            "wrote no checkpoint; starting again")
     remove_stale_temps(run_dir, log)
     if resume:
         drop_metrics_after(run_dir, checkpoint_progress(os.path.join(run_dir, "last.pt"))["epoch"], log)
@@ -709,7 +754,9 @@ def run(cfg, run_dir, resume=False, overwrite=False, command=""):
     """Train one run in run_dir -> run_dir. resume: continue from last.pt there (pass the run's own
     Config, load_run_config); overwrite: replace the run there. The folder is locked throughout
     (run_lock); its files appear only once the settings, the folder, the data, the models and the batch
-    size have been checked, so a start that fails leaves nothing. Raises UserError, Diverged, Interrupted."""
+    size have been checked, so a start that fails leaves nothing; one that fails later, before its first
+    checkpoint, leaves a folder the same command starts again (failed_start). Raises UserError, Diverged,
+    Interrupted."""
     validate(cfg)
     with distributed.process_group(cfg), contextlib.ExitStack() as held:  # --ddp: torchrun's processes
 

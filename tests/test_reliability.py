@@ -159,6 +159,47 @@ def test_a_start_that_fails_leaves_no_run_folder(case, finished, tmp_path, capsy
     run_main(tiny_args(write_npz(tmp_path / "good.npz"), out, "--method", "at", "--epochs", "1"))
 
 
+@pytest.mark.parametrize("case", ["triton kernel without CUDA", "bf16 on a GPU without it"])
+def test_what_this_machine_lacks_is_refused_before_any_work(case, finished, tmp_path, monkeypatch, capsys):
+    npz, _ = finished
+    out = tmp_path / "r"
+    if case == "triton kernel without CUDA":  # failed at step 1 with a traceback, after config.json existed
+        monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+        argv, needle = tiny_args(npz, out, "--method", "at", "--train", "--tp-impl", "triton"), "--tp-impl triton needs"
+    else:  # a GPU older than Ampere, as torch reports it
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+        argv, needle = tiny_args(npz, out, "--method", "at", "--amp", "bf16", "--device", "cuda"), "--amp bf16"
+    assert needle in refused(argv, capsys)
+    assert not os.path.exists(out)
+
+
+def test_a_start_that_failed_before_its_first_checkpoint_restarts_with_the_same_command(finished, tmp_path,
+                                                                                        monkeypatch, capsys):
+    """A failure no check foresaw, at step 1: config.json and log.txt exist, no checkpoint. The same command
+    starts the run again (its earlier log kept); --resume says so instead of only 'no checkpoint'."""
+    npz, full = finished
+    out = tmp_path / "r"
+    argv = tiny_args(npz, out, "--method", "at")
+
+    def failing_step(*a, **kw):
+        raise RuntimeError("a failure no check foresaw")
+    monkeypatch.setattr(common, "train_step", failing_step)
+    with pytest.raises(RuntimeError, match="no check foresaw"):
+        run_main(argv)
+    assert sorted(os.listdir(out)) == ["config.json", "log.txt"]
+    first_log = (out / "log.txt").read_text()
+    assert "without --resume" in refused(["--data-file", npz, "--out", str(out), "--device", "cpu", "--resume"], capsys)
+    monkeypatch.undo()
+    run_main(argv)
+    log = (out / "log.txt").read_text()
+    assert log.startswith(first_log) and "wrote no checkpoint; starting again" in log
+    drop = lambda r: {k: v for k, v in r.items() if k != "seconds"}
+    assert [drop(r) for r in read_rows(out)] == [drop(r) for r in read_rows(full)]
+    (out / "last.pt").unlink()  # a folder with results is never restarted: metrics.jsonl would be lost
+    assert "already holds a run" in refused(argv, capsys)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_a_signal_saves_a_checkpoint_and_exits_128_plus_its_number(sig, finished, tmp_path):
