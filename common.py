@@ -1335,8 +1335,9 @@ def train(cfg, run_dir, data, resume=False, log=print, on_start=None):
     last, best = os.path.join(run_dir, "last.pt"), os.path.join(run_dir, "best.pt")
     if resume:
         ck = load_checkpoint(last, device)
-        for k, m in models.saved().items():
-            load_model_state(m, ck["models"][k])
+        for k, m in models.saved().items():  # data of another class count: one line, as --eval says it
+            fit_weights(m, ck["models"].get(k), f"--resume: checkpoint {last} ({k})",
+                        "its saved arch " + {"adv": cfg.arch, "std": std_arch_of(cfg)}.get(k, "relation heads"))
         for k, o in opts.items():
             o.load_state_dict(ck["optimizers"][k])
         if scaler is not None and ck.get("scaler"):

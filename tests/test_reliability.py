@@ -229,6 +229,18 @@ def test_resume_of_a_finished_run_says_so_and_exits_0(run_copy, capsys):
     assert snapshot(out) == before
 
 
+def test_resume_with_data_of_another_class_count_is_one_line_before_any_work(run_copy, tmp_path, capsys):
+    npz, out = run_copy
+    saved = json.load(open(out / "config.json"))
+    saved["config"]["epochs"] = 3  # 2 of 3 epochs done: --resume would train
+    (out / "config.json").write_text(json.dumps(saved))
+    before = snapshot(out)
+    six = write_npz(tmp_path / "six.npz", classes=6)
+    err = refused(["--data-file", six, "--out", str(out), "--device", "cpu", "--resume"], capsys)
+    assert "was trained on 4 classes, but the data set has 6" in err and "last.pt" in err
+    assert snapshot(out) == before
+
+
 @pytest.mark.parametrize("flag", [["--lr", "0.05"], ["--epochs", "3"], ["--method", "trades"], ["--train"],
                                   ["--steps", "3"], ["--train-n", "32"]])
 def test_resume_refuses_flags_that_change_the_run_but_not_where_it_runs(run_copy, flag, capsys):
