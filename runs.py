@@ -8,10 +8,12 @@ relation loss or model registered by an experiment script is a valid --method / 
 """
 import argparse
 import contextlib
+import errno
 import fcntl
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import time
@@ -458,7 +460,7 @@ def name_base(defaults, cfg):
 # =====================================================================================
 # 2. run folders
 #    One process at a time (run_lock), checked before any work (check_writable), tidied after a kill -9
-#    (remove_stale_temps, drop_metrics_after), files written only once training starts (start_run_dir).
+#    (remove_stale_temps, sync_metrics), files written only once training starts (start_run_dir).
 # =====================================================================================
 RUN_FILES = ("config.json", "metrics.jsonl", "log.txt", "last.pt", "best.pt", "eval.json", "results.md")
 
@@ -530,8 +532,8 @@ def init_run_dir(run_dir, keep=()):
 
 
 def run_status(run_dir):
-    """'missing', 'partial' (resume it) or 'done' (last.pt holds the final epoch: metrics.jsonl may hold a
-    row the checkpoint does not, when a process was killed between the two)."""
+    """'missing', 'partial' (resume it) or 'done' (last.pt holds the final epoch; metrics.jsonl may lack that
+    epoch's row when a process was killed between the two: --resume puts it there, sync_metrics)."""
     last = os.path.join(run_dir, "last.pt")
     if not os.path.isfile(last) or not os.path.isfile(os.path.join(run_dir, "config.json")):
         return "missing"
@@ -585,7 +587,7 @@ def make_logger(run_dir):
 
 
 # Run folders: one process at a time (run_lock), checked before any work (check_writable), tidied after a
-# kill -9 (remove_stale_temps, drop_metrics_after), files written only once training starts (start_run_dir).
+# kill -9 (remove_stale_temps, sync_metrics), files written only once training starts (start_run_dir).
 @contextlib.contextmanager
 def run_lock(run_dir):
     """Hold <run_dir>/.lock (an exclusive fcntl.flock; the file names our PID) while training, resuming,
@@ -704,30 +706,41 @@ def remove_stale_temps(run_dir, log):
 def metrics_epoch(line):
     try:
         return int(json.loads(line)["epoch"])
-    except (ValueError, KeyError, TypeError):  # a torn last line of a killed process
+    except (ValueError, KeyError, TypeError):  # a torn last line of a killed process, or of a full disk
         return None
 
 
-def drop_metrics_after(run_dir, epoch, log):
-    """metrics.jsonl rows past the checkpoint's epoch (a process killed between appending a row and saving
-    last.pt): the resumed run writes those epochs again, so they would be there twice."""
-    path = os.path.join(run_dir, "metrics.jsonl")
-    if not os.path.isfile(path):
-        return
-    with open(path) as fh:
-        lines = [line for line in fh if line.strip()]
+def sync_metrics(run_dir, progress, log):
+    """Make metrics.jsonl end at the epoch of last.pt (its progress): rows past it (a process of the older code,
+    which appended the row first, killed before saving last.pt) go, since the resumed run writes those epochs
+    again; the row of last.pt's own epoch, which train() appends only after saving it, comes back from last.pt
+    when a kill or a full disk kept it out (checkpoints of the older code do not carry it)."""
+    path, epoch = os.path.join(run_dir, "metrics.jsonl"), progress["epoch"]
+    lines = []
+    if os.path.isfile(path):
+        with open(path) as fh:
+            lines = [line for line in fh if line.strip()]
     keep = [line for line in lines if metrics_epoch(line) is not None and metrics_epoch(line) <= epoch]
-    if len(keep) < len(lines):
+    dropped = len(lines) - len(keep)
+    restore = bool(progress.get("row")) and epoch not in [metrics_epoch(line) for line in keep]
+    if restore:
+        keep.append(json.dumps(progress["row"]))
+    if dropped or restore:
         write_atomic(path, "".join(line if line.endswith("\n") else line + "\n" for line in keep))
-        log(f"metrics.jsonl: dropped {len(lines) - len(keep)} rows past epoch {epoch}, the epoch of last.pt")
+    if dropped:
+        log(f"metrics.jsonl: dropped {dropped} rows past epoch {epoch}, the epoch of last.pt")
+    if restore:
+        log(f"metrics.jsonl: added the row of epoch {epoch} from last.pt (the process stopped before writing it)")
 
 
 def already_finished(run_dir, cfg):
-    """--resume of a run whose last.pt holds its final epoch: nothing to do (exit 0), said on one line."""
-    done = checkpoint_progress(os.path.join(run_dir, "last.pt"))["epoch"]
-    if done >= cfg.epochs:
-        print(f"{run_dir}: already finished ({done} epochs); nothing to resume")
-    return done >= cfg.epochs
+    """--resume of a run whose last.pt holds its final epoch: nothing to do (exit 0) but complete metrics.jsonl
+    (sync_metrics), said on one line."""
+    progress = checkpoint_progress(os.path.join(run_dir, "last.pt"))
+    if progress["epoch"] >= cfg.epochs:
+        sync_metrics(run_dir, progress, print)
+        print(f"{run_dir}: already finished ({progress['epoch']} epochs); nothing to resume")
+    return progress["epoch"] >= cfg.epochs
 
 
 def start_run_dir(run_dir, cfg, resume, command, log):
@@ -747,7 +760,57 @@ def start_run_dir(run_dir, cfg, resume, command, log):
             "wrote no checkpoint; starting again")
     remove_stale_temps(run_dir, log)
     if resume:
-        drop_metrics_after(run_dir, checkpoint_progress(os.path.join(run_dir, "last.pt"))["epoch"], log)
+        sync_metrics(run_dir, checkpoint_progress(os.path.join(run_dir, "last.pt")), log)
+
+
+# errno of a write that found no room: a full disk, a full quota, a file size limit (ulimit -f)
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+def disk_full_error(exc):
+    """The OSError of a full disk behind exc (torch.save raises a RuntimeError whose context is the OSError of
+    its file's write, common.torch_save_file), else None."""
+    seen = []
+    while exc is not None and not any(exc is e for e in seen):
+        if isinstance(exc, OSError) and exc.errno in DISK_FULL:
+            return exc
+        seen.append(exc)
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def mount_point(path):
+    path = os.path.realpath(path)
+    while not os.path.ismount(path):
+        path = os.path.dirname(path)
+    return path
+
+
+def human_bytes(n):
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024:
+            return f"{n:.0f} {unit}"
+        n /= 1024
+    return f"{n:.0f} TiB"
+
+
+@contextlib.contextmanager
+def full_disk_is_one_line(run_dir):
+    """A write of the run that found the disk full (a checkpoint, a metrics row, the log) becomes one line naming
+    the disk and what to do (UserError, exit 2) instead of torch's traceback. save_atomic has removed its temp
+    file by then, and train() appends a metrics row only after its checkpoint, so the folder is consistent."""
+    try:
+        yield
+    except (OSError, RuntimeError) as e:
+        full = disk_full_error(e)
+        if full is None:
+            raise
+        mount = mount_point(run_dir)
+        last = os.path.join(run_dir, "last.pt")
+        then = (f"continue with --resume (last.pt holds epoch {checkpoint_progress(last)['epoch']})"
+                if os.path.isfile(last) else "run the same command again")
+        raise UserError(f"could not write to {run_dir}: {full.strerror} ({human_bytes(shutil.disk_usage(mount).free)} "
+                        f"free on {mount}); free space there, then {then}") from None
 
 
 def run(cfg, run_dir, resume=False, overwrite=False, command=""):
@@ -772,8 +835,9 @@ def run(cfg, run_dir, resume=False, overwrite=False, command=""):
         data = load_data(cfg, torch.device(cfg.device))  # bad data -> error before anything is written
         data = hold_out_validation(data, cfg.val_n)
         log = make_logger(run_dir) if distributed.is_main() else distributed.quiet
-        train(cfg, run_dir, data, resume=resume, log=log,
-              on_start=lambda: distributed.is_main() and start_run_dir(run_dir, cfg, resume, command, log))
+        with full_disk_is_one_line(run_dir):
+            train(cfg, run_dir, data, resume=resume, log=log,
+                  on_start=lambda: distributed.is_main() and start_run_dir(run_dir, cfg, resume, command, log))
     return run_dir
 
 

@@ -1,9 +1,11 @@
 """Runs and evaluations that cannot lose or mislabel results (issue 10): the run-folder lock, resume after
 kill -9, failed starts, signals, unwritable folders, data validation, bad numbers, merged eval files,
 foreign checkpoints. Every bad input: one line on stderr, exit 2, nothing written."""
+import contextlib
 import fcntl
 import json
 import os
+import resource
 import shutil
 import signal
 import subprocess
@@ -112,30 +114,35 @@ class Killed(BaseException):
     """What kill -9 does to the loop: nothing after it runs (run_main() catches no BaseException)."""
 
 
-def test_resume_after_a_kill_between_metrics_row_and_checkpoint(finished, tmp_path, monkeypatch):
+@pytest.mark.parametrize("moment", ["while writing last.pt", "after last.pt, before the metrics row"])
+def test_resume_after_a_kill_around_the_checkpoint(finished, tmp_path, monkeypatch, moment):
+    """metrics.jsonl is never ahead of last.pt; a row the kill kept out of it is restored from last.pt."""
     npz, full = finished
     out = tmp_path / "r"
     real = common.save_checkpoint
 
-    # epoch 2's row is in metrics.jsonl, last.pt half-written
     def dying(path, models, opts, progress, cfg, scaler=None):
         if progress["epoch"] == 2 and path.endswith("last.pt"):
-            with open(f"{path}.tmp{os.getpid()}", "wb") as fh:
-                fh.write(b"half a checkpoint")
+            if moment == "while writing last.pt":  # last.pt half-written
+                with open(f"{path}.tmp{os.getpid()}", "wb") as fh:
+                    fh.write(b"half a checkpoint")
+            else:
+                real(path, models, opts, progress, cfg, scaler)
             raise Killed
         return real(path, models, opts, progress, cfg, scaler)
     monkeypatch.setattr(common, "save_checkpoint", dying)
     with pytest.raises(Killed):
         run_main(tiny_args(npz, out, "--method", "at"))
     (out / ".lock").write_text("999999\n")  # kill -9 leaves the lock file (not the lock) behind
-    assert [r["epoch"] for r in read_rows(out)] == [1, 2] and progress(out)["epoch"] == 1
+    saved = 1 if moment == "while writing last.pt" else 2
+    assert [r["epoch"] for r in read_rows(out)] == [1] and progress(out)["epoch"] == saved
     status = runs.run_status(out)  # what a study sees now
     monkeypatch.setattr(common, "save_checkpoint", real)
     run_main(["--data-file", npz, "--out", str(out), "--device", "cpu", "--resume"])
     drop = lambda r: {k: v for k, v in r.items() if k != "seconds"}
     assert [drop(r) for r in read_rows(out)] == [drop(r) for r in read_rows(full)]  # epochs 1, 2 once, as uninterrupted
     assert not [f for f in os.listdir(out) if ".tmp" in f]
-    assert status == "partial"  # epoch 2's row did not make the run look finished
+    assert status == ("partial" if saved == 1 else "done")
 
 
 @pytest.mark.parametrize("case", ["batch larger than the data", "label = class count", "missing std checkpoint",
@@ -261,9 +268,43 @@ def unwritable(folder):
     return lambda: os.chmod(folder, 0o755)
 
 
-def limit_file_size():  # a full disk, as a process sees it: writes past 1 KiB fail (EFBIG; Python ignores SIGXFSZ)
-    import resource
-    resource.setrlimit(resource.RLIMIT_FSIZE, (1024, 1024))
+def limit_file_size(size=1024):  # a full disk, as a process sees it: writes past size fail (EFBIG; Python ignores
+    resource.setrlimit(resource.RLIMIT_FSIZE, (size, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))  # SIGXFSZ)
+
+
+@contextlib.contextmanager
+def full_disk_here(size=1024):
+    """limit_file_size in this process, undone afterwards (the soft limit alone, which may be raised again)."""
+    old = resource.getrlimit(resource.RLIMIT_FSIZE)
+    limit_file_size(size)
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, old)
+
+
+def test_a_full_disk_mid_run_is_one_line_and_metrics_stay_with_the_checkpoint(finished, tmp_path, monkeypatch,
+                                                                              capsys):
+    """The disk fills while epoch 2's last.pt is written: one line naming the disk, exit 2, no temp file left,
+    metrics.jsonl not ahead of last.pt; --resume then ends where an uninterrupted run ends."""
+    npz, full = finished
+    out = tmp_path / "r"
+    real = common.save_checkpoint
+
+    def on_a_full_disk(path, models, opts, progress, cfg, scaler=None):
+        if progress["epoch"] == 2 and path.endswith("last.pt"):
+            with full_disk_here():
+                return real(path, models, opts, progress, cfg, scaler)
+        return real(path, models, opts, progress, cfg, scaler)
+    monkeypatch.setattr(common, "save_checkpoint", on_a_full_disk)
+    err = refused(tiny_args(npz, out, "--method", "at"), capsys)
+    assert "last.pt" in err and "File too large" in err and "free on /" in err and "--resume" in err
+    assert not [f for f in os.listdir(out) if ".tmp" in f]
+    assert [r["epoch"] for r in read_rows(out)] == [1] and progress(out)["epoch"] == 1
+    monkeypatch.setattr(common, "save_checkpoint", real)
+    run_main(["--data-file", npz, "--out", str(out), "--device", "cpu", "--resume"])
+    drop = lambda r: {k: v for k, v in r.items() if k != "seconds"}
+    assert [drop(r) for r in read_rows(out)] == [drop(r) for r in read_rows(full)]
 
 
 @pytest.mark.slow
