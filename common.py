@@ -1198,10 +1198,23 @@ def seed_everything(seed):
 
 def save_atomic(path, write):
     """write(tmp) to a temp file next to path, then rename it to path: a killed process leaves the old file or
-    the new one, never half of one (remove_stale_temps tidies a leftover name.tmpPID)."""
+    the new one, never half of one (remove_stale_temps tidies a leftover name.tmpPID). A write that fails (a
+    full disk) removes its temp file at once: it would only take more of the space that is missing."""
     tmp = f"{path}.tmp{os.getpid()}"
-    write(tmp)
-    os.replace(tmp, path)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
+
+
+def torch_save_file(obj, path):
+    """torch.save through a Python file object: a failed write then stays chained to the OSError that says why
+    (ENOSPC: a full disk); torch.save to a path name reports only 'unexpected pos' from its C++ writer."""
+    with open(path, "wb") as fh:
+        torch.save(obj, fh)
 
 
 def save_checkpoint(path, models, opts, progress, cfg, scaler=None):
@@ -1211,7 +1224,7 @@ def save_checkpoint(path, models, opts, progress, cfg, scaler=None):
              "progress": progress, "rng": rng_states(), "config": cfg.to_dict(), "world_size": distributed.world_size()}
     if scaler is not None:
         state["scaler"] = scaler.state_dict()
-    save_atomic(path, lambda tmp: torch.save(state, tmp))
+    save_atomic(path, lambda tmp: torch_save_file(state, tmp))
 
 
 def load_checkpoint(path, device):
@@ -1337,8 +1350,9 @@ def train(cfg, run_dir, data, resume=False, log=print, on_start=None):
     last, best = os.path.join(run_dir, "last.pt"), os.path.join(run_dir, "best.pt")
     if resume:
         ck = load_checkpoint(last, device)
-        for k, m in models.saved().items():
-            load_model_state(m, ck["models"][k])
+        for k, m in models.saved().items():  # data of another class count: one line, as --eval says it
+            fit_weights(m, ck["models"].get(k), f"--resume: checkpoint {last} ({k})",
+                        "its saved arch " + {"adv": cfg.arch, "std": std_arch_of(cfg)}.get(k, "relation heads"))
         for k, o in opts.items():
             o.load_state_dict(ck["optimizers"][k])
         if scaler is not None and ck.get("scaler"):
@@ -1413,13 +1427,16 @@ def train(cfg, run_dir, data, resume=False, log=print, on_start=None):
             row["seconds"] = time.time() - t0
             metric = row[selection_metric(cfg)]
             is_best = metric > progress["best"]
-            progress = {"epoch": epoch, "step": 0, "sums": {}, "best": max(metric, progress["best"])}
-            if distributed.is_main():
+            # the epoch's row travels in last.pt: a process that dies before appending it to metrics.jsonl
+            # loses nothing (runs.sync_metrics puts it there on --resume)
+            progress = {"epoch": epoch, "step": 0, "sums": {}, "best": max(metric, progress["best"]), "row": row}
+            if is_best:  # says what it was picked on (eval.json and --table report it); before last.pt, whose
+                # "best" would otherwise claim a best.pt that a failed write never made
+                save(best, {**progress, "selected_on": "val" if cfg.val_n else "test"})
+            save(last, progress)
+            if distributed.is_main():  # after last.pt: metrics.jsonl is never ahead of the checkpoint
                 with open(os.path.join(run_dir, "metrics.jsonl"), "a") as fh:
                     fh.write(json.dumps(row) + "\n")
-            save(last, progress)
-            if is_best:  # says what it was picked on (eval.json and --table report it)
-                save(best, {**progress, "selected_on": "val" if cfg.val_n else "test"})
             log(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
             if distributed.any_rank(StopFlag.requested) and epoch < cfg.epochs:
                 raise Interrupted(f"interrupted after epoch {epoch}: {last} saved; continue with --resume",

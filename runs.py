@@ -8,10 +8,12 @@ relation loss or model registered by an experiment script is a valid --method / 
 """
 import argparse
 import contextlib
+import errno
 import fcntl
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import time
@@ -26,6 +28,7 @@ from common import (AMP_DTYPES, BASE_METHODS, Diverged, EVAL_METRICS, FolderInUs
                     Normalized, RELATION_LOSSES, SanityError, TORCHVISION_SETS, UserError, bare_state_dict,
                     build_model, build_models, check_known_checkpoint, checkpoint_kind, evaluate_models, fit_weights,
                     hold_out_validation, load_checkpoint, load_data, save_atomic, std_arch_of, train)
+from kernels import triton_available
 
 
 # =====================================================================================
@@ -407,6 +410,20 @@ def validate(cfg):
     if problem:
         raise UserError(problem)
     check_lowest(cfg)
+    check_backends(cfg)
+
+
+def check_backends(cfg):
+    """What the settings need of this machine beyond --device: the Triton kernel and autocast in --amp's dtype.
+    Checked here because they would otherwise fail at the first step, after the run folder's files exist."""
+    kind = torch.device(cfg.device).type
+    if cfg.tp_impl == "triton" and not triton_available(kind):
+        raise UserError(f"--tp-impl triton needs triton and a CUDA --device (or TRITON_INTERPRET=1 on the CPU, "
+                        f"for tests), not {cfg.device}; use --tp-impl auto or torch")
+    if cfg.amp != "off" and not torch.amp.is_autocast_available(kind):
+        raise UserError(f"--amp {cfg.amp}: autocast does not run on --device {cfg.device}; use --amp off")
+    if cfg.amp == "bf16" and kind == "cuda" and not torch.cuda.is_bf16_supported():
+        raise UserError("--amp bf16: this GPU has no bfloat16 support; use --amp fp16 or --amp off")
 
 
 # The lowest value of each numeric setting of Config and EvalConfig (lists: of each entry); where 0 is
@@ -488,7 +505,7 @@ def name_base(defaults, cfg):
 # =====================================================================================
 # 2. run folders
 #    One process at a time (run_lock), checked before any work (check_writable), tidied after a kill -9
-#    (remove_stale_temps, drop_metrics_after), files written only once training starts (start_run_dir).
+#    (remove_stale_temps, sync_metrics), files written only once training starts (start_run_dir).
 # =====================================================================================
 RUN_FILES = ("config.json", "metrics.jsonl", "log.txt", "last.pt", "best.pt", "eval.json", "results.md")
 
@@ -516,28 +533,52 @@ def git_commit():
 
 
 def check_run_dir(run_dir, resume, overwrite):
-    """Refuse an existing run without resume / overwrite, and a resume without a checkpoint."""
+    """Refuse an existing run without resume / overwrite, and a resume without a checkpoint. A folder that
+    holds only what a failed start left (failed_start) is no run: the same command starts it again."""
     if resume:
         if not os.path.isfile(os.path.join(run_dir, "last.pt")):
-            raise UserError(f"--resume: no checkpoint {os.path.join(run_dir, 'last.pt')} to resume from")
+            again = ("; it stopped before its first checkpoint: run the same command without --resume to start "
+                     "it again") if failed_start(run_dir) else ""
+            raise UserError(f"--resume: no checkpoint {os.path.join(run_dir, 'last.pt')} to resume from{again}")
         return
     existing = [f for f in RUN_FILES if os.path.exists(os.path.join(run_dir, f))]
-    if existing and not overwrite:
+    if existing and not overwrite and not failed_start(run_dir):
         raise UserError(f"run folder {run_dir} already holds a run ({', '.join(existing)}); "
                         "pass --resume to continue it, --overwrite to replace it, or --out elsewhere")
 
 
-def init_run_dir(run_dir):
-    """Create the folder and clear an old run's files (only reached with --overwrite)."""
+# What a start that failed before its first checkpoint leaves: nothing trained, measured or evaluated.
+FAILED_START_FILES = {"config.json", "log.txt"}
+
+
+def failed_start(run_dir):
+    """The config.json of a start that stopped before its first checkpoint (a step that failed, a kill in epoch 1)
+    when run_dir holds nothing else of a run but its log.txt; else None. Only a config.json we wrote counts:
+    any other file of that name is someone's and stays."""
+    existing = {f for f in RUN_FILES if os.path.exists(os.path.join(run_dir, f))}
+    if "config.json" not in existing or not existing <= FAILED_START_FILES:
+        return None
+    try:
+        with open(os.path.join(run_dir, "config.json")) as fh:
+            saved = json.load(fh)
+        Config.from_saved(saved["config"])
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+    return saved
+
+
+def init_run_dir(run_dir, keep=()):
+    """Create the folder and clear an old run's files but keep (reached with --overwrite, or to start again
+    after a failed start)."""
     os.makedirs(run_dir, exist_ok=True)
     for f in RUN_FILES:
-        if os.path.exists(os.path.join(run_dir, f)):
+        if f not in keep and os.path.exists(os.path.join(run_dir, f)):
             os.remove(os.path.join(run_dir, f))
 
 
 def run_status(run_dir):
-    """'missing', 'partial' (resume it) or 'done' (last.pt holds the final epoch: metrics.jsonl may hold a
-    row the checkpoint does not, when a process was killed between the two)."""
+    """'missing', 'partial' (resume it) or 'done' (last.pt holds the final epoch; metrics.jsonl may lack that
+    epoch's row when a process was killed between the two: --resume puts it there, sync_metrics)."""
     last = os.path.join(run_dir, "last.pt")
     if not os.path.isfile(last) or not os.path.isfile(os.path.join(run_dir, "config.json")):
         return "missing"
@@ -591,7 +632,7 @@ def make_logger(run_dir):
 
 
 # Run folders: one process at a time (run_lock), checked before any work (check_writable), tidied after a
-# kill -9 (remove_stale_temps, drop_metrics_after), files written only once training starts (start_run_dir).
+# kill -9 (remove_stale_temps, sync_metrics), files written only once training starts (start_run_dir).
 @contextlib.contextmanager
 def run_lock(run_dir):
     """Hold <run_dir>/.lock (an exclusive fcntl.flock; the file names our PID) while training, resuming,
@@ -710,51 +751,120 @@ def remove_stale_temps(run_dir, log):
 def metrics_epoch(line):
     try:
         return int(json.loads(line)["epoch"])
-    except (ValueError, KeyError, TypeError):  # a torn last line of a killed process
+    except (ValueError, KeyError, TypeError):  # a torn last line of a killed process, or of a full disk
         return None
 
 
-def drop_metrics_after(run_dir, epoch, log):
-    """metrics.jsonl rows past the checkpoint's epoch (a process killed between appending a row and saving
-    last.pt): the resumed run writes those epochs again, so they would be there twice."""
-    path = os.path.join(run_dir, "metrics.jsonl")
-    if not os.path.isfile(path):
-        return
-    with open(path) as fh:
-        lines = [line for line in fh if line.strip()]
+def sync_metrics(run_dir, progress, log):
+    """Make metrics.jsonl end at the epoch of last.pt (its progress): rows past it (a process of the older code,
+    which appended the row first, killed before saving last.pt) go, since the resumed run writes those epochs
+    again; the row of last.pt's own epoch, which train() appends only after saving it, comes back from last.pt
+    when a kill or a full disk kept it out (checkpoints of the older code do not carry it)."""
+    path, epoch = os.path.join(run_dir, "metrics.jsonl"), progress["epoch"]
+    lines = []
+    if os.path.isfile(path):
+        with open(path) as fh:
+            lines = [line for line in fh if line.strip()]
     keep = [line for line in lines if metrics_epoch(line) is not None and metrics_epoch(line) <= epoch]
-    if len(keep) < len(lines):
+    dropped = len(lines) - len(keep)
+    restore = bool(progress.get("row")) and epoch not in [metrics_epoch(line) for line in keep]
+    if restore:
+        keep.append(json.dumps(progress["row"]))
+    if dropped or restore:
         write_atomic(path, "".join(line if line.endswith("\n") else line + "\n" for line in keep))
-        log(f"metrics.jsonl: dropped {len(lines) - len(keep)} rows past epoch {epoch}, the epoch of last.pt")
+    if dropped:
+        log(f"metrics.jsonl: dropped {dropped} rows past epoch {epoch}, the epoch of last.pt")
+    if restore:
+        log(f"metrics.jsonl: added the row of epoch {epoch} from last.pt (the process stopped before writing it)")
 
 
 def already_finished(run_dir, cfg):
-    """--resume of a run whose last.pt holds its final epoch: nothing to do (exit 0), said on one line."""
-    done = checkpoint_progress(os.path.join(run_dir, "last.pt"))["epoch"]
-    if done >= cfg.epochs:
-        print(f"{run_dir}: already finished ({done} epochs); nothing to resume")
-    return done >= cfg.epochs
+    """--resume of a run whose last.pt holds its final epoch: nothing to do (exit 0) but complete metrics.jsonl
+    (sync_metrics), said on one line."""
+    progress = checkpoint_progress(os.path.join(run_dir, "last.pt"))
+    if progress["epoch"] >= cfg.epochs:
+        sync_metrics(run_dir, progress, print)
+        print(f"{run_dir}: already finished ({progress['epoch']} epochs); nothing to resume")
+    return progress["epoch"] >= cfg.epochs
 
 
 def start_run_dir(run_dir, cfg, resume, command, log):
     """The run folder's files, written once training is sure to start: a new run's config.json (after
-    --overwrite cleared the old run's files); a resumed run drops what a killed process left behind."""
+    --overwrite cleared the old run's files; after a failed start its log.txt stays, and says what that start
+    was); a resumed run drops what a killed process left behind."""
+    earlier = None if resume else failed_start(run_dir)
     if not resume:
-        init_run_dir(run_dir)
-        with open(os.path.join(run_dir, "config.json"), "w") as fh:
-            json.dump({"config": cfg.to_dict(), "versions": versions(), "git_commit": git_commit(), "command": command,
-                       "started": time.strftime("%Y-%m-%d %H:%M:%S")}, fh, indent=2)
+        init_run_dir(run_dir, keep=("log.txt",) if earlier else ())
+        # atomic: a full disk leaves no torn config.json, so the folder stays a failed start the command restarts
+        write_atomic(os.path.join(run_dir, "config.json"), json.dumps(
+            {"config": cfg.to_dict(), "versions": versions(), "git_commit": git_commit(), "command": command,
+             "started": time.strftime("%Y-%m-%d %H:%M:%S")}, indent=2))
     log(f"run folder: {run_dir}")
+    if earlier:
+        log(f"the start of {earlier.get('started', '?')} ({earlier.get('command') or 'command not recorded'}) "
+            "wrote no checkpoint; starting again")
     remove_stale_temps(run_dir, log)
     if resume:
-        drop_metrics_after(run_dir, checkpoint_progress(os.path.join(run_dir, "last.pt"))["epoch"], log)
+        sync_metrics(run_dir, checkpoint_progress(os.path.join(run_dir, "last.pt")), log)
+
+
+# errno of a write that found no room: a full disk, a full quota, a file size limit (ulimit -f)
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+def disk_full_error(exc):
+    """The OSError of a full disk behind exc (torch.save raises a RuntimeError whose context is the OSError of
+    its file's write, common.torch_save_file), else None."""
+    seen = []
+    while exc is not None and not any(exc is e for e in seen):
+        if isinstance(exc, OSError) and exc.errno in DISK_FULL:
+            return exc
+        seen.append(exc)
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def mount_point(path):
+    path = os.path.realpath(path)
+    while not os.path.ismount(path):
+        path = os.path.dirname(path)
+    return path
+
+
+def human_bytes(n):
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024:
+            return f"{n:.0f} {unit}"
+        n /= 1024
+    return f"{n:.0f} TiB"
+
+
+@contextlib.contextmanager
+def full_disk_is_one_line(run_dir):
+    """A write of the run that found the disk full (a checkpoint, a metrics row, the log) becomes one line naming
+    the disk and what to do (UserError, exit 2) instead of torch's traceback. save_atomic has removed its temp
+    file by then, and train() appends a metrics row only after its checkpoint, so the folder is consistent."""
+    try:
+        yield
+    except (OSError, RuntimeError) as e:
+        full = disk_full_error(e)
+        if full is None:
+            raise
+        mount = mount_point(run_dir)
+        last = os.path.join(run_dir, "last.pt")
+        then = (f"continue with --resume (last.pt holds epoch {checkpoint_progress(last)['epoch']})"
+                if os.path.isfile(last) else "run the same command again")
+        raise UserError(f"could not write to {run_dir}: {full.strerror} ({human_bytes(shutil.disk_usage(mount).free)} "
+                        f"free on {mount}); free space there, then {then}") from None
 
 
 def run(cfg, run_dir, resume=False, overwrite=False, command=""):
     """Train one run in run_dir -> run_dir. resume: continue from last.pt there (pass the run's own
     Config, load_run_config); overwrite: replace the run there. The folder is locked throughout
     (run_lock); its files appear only once the settings, the folder, the data, the models and the batch
-    size have been checked, so a start that fails leaves nothing. Raises UserError, Diverged, Interrupted."""
+    size have been checked, so a start that fails leaves nothing; one that fails later, before its first
+    checkpoint, leaves a folder the same command starts again (failed_start). Raises UserError, Diverged,
+    Interrupted."""
     validate(cfg)
     with distributed.process_group(cfg), contextlib.ExitStack() as held:  # --ddp: torchrun's processes
 
@@ -770,8 +880,9 @@ def run(cfg, run_dir, resume=False, overwrite=False, command=""):
         data = load_data(cfg, torch.device(cfg.device))  # bad data -> error before anything is written
         data = hold_out_validation(data, cfg.val_n)
         log = make_logger(run_dir) if distributed.is_main() else distributed.quiet
-        train(cfg, run_dir, data, resume=resume, log=log,
-              on_start=lambda: distributed.is_main() and start_run_dir(run_dir, cfg, resume, command, log))
+        with full_disk_is_one_line(run_dir):
+            train(cfg, run_dir, data, resume=resume, log=log,
+                  on_start=lambda: distributed.is_main() and start_run_dir(run_dir, cfg, resume, command, log))
     return run_dir
 
 

@@ -1,9 +1,11 @@
 """Runs and evaluations that cannot lose or mislabel results (issue 10): the run-folder lock, resume after
 kill -9, failed starts, signals, unwritable folders, data validation, bad numbers, merged eval files,
 foreign checkpoints. Every bad input: one line on stderr, exit 2, nothing written."""
+import contextlib
 import fcntl
 import json
 import os
+import resource
 import shutil
 import signal
 import subprocess
@@ -112,30 +114,35 @@ class Killed(BaseException):
     """What kill -9 does to the loop: nothing after it runs (run_main() catches no BaseException)."""
 
 
-def test_resume_after_a_kill_between_metrics_row_and_checkpoint(finished, tmp_path, monkeypatch):
+@pytest.mark.parametrize("moment", ["while writing last.pt", "after last.pt, before the metrics row"])
+def test_resume_after_a_kill_around_the_checkpoint(finished, tmp_path, monkeypatch, moment):
+    """metrics.jsonl is never ahead of last.pt; a row the kill kept out of it is restored from last.pt."""
     npz, full = finished
     out = tmp_path / "r"
     real = common.save_checkpoint
 
-    # epoch 2's row is in metrics.jsonl, last.pt half-written
     def dying(path, models, opts, progress, cfg, scaler=None):
         if progress["epoch"] == 2 and path.endswith("last.pt"):
-            with open(f"{path}.tmp{os.getpid()}", "wb") as fh:
-                fh.write(b"half a checkpoint")
+            if moment == "while writing last.pt":  # last.pt half-written
+                with open(f"{path}.tmp{os.getpid()}", "wb") as fh:
+                    fh.write(b"half a checkpoint")
+            else:
+                real(path, models, opts, progress, cfg, scaler)
             raise Killed
         return real(path, models, opts, progress, cfg, scaler)
     monkeypatch.setattr(common, "save_checkpoint", dying)
     with pytest.raises(Killed):
         run_main(tiny_args(npz, out, "--method", "at"))
     (out / ".lock").write_text("999999\n")  # kill -9 leaves the lock file (not the lock) behind
-    assert [r["epoch"] for r in read_rows(out)] == [1, 2] and progress(out)["epoch"] == 1
+    saved = 1 if moment == "while writing last.pt" else 2
+    assert [r["epoch"] for r in read_rows(out)] == [1] and progress(out)["epoch"] == saved
     status = runs.run_status(out)  # what a study sees now
     monkeypatch.setattr(common, "save_checkpoint", real)
     run_main(["--data-file", npz, "--out", str(out), "--device", "cpu", "--resume"])
     drop = lambda r: {k: v for k, v in r.items() if k != "seconds"}
     assert [drop(r) for r in read_rows(out)] == [drop(r) for r in read_rows(full)]  # epochs 1, 2 once, as uninterrupted
     assert not [f for f in os.listdir(out) if ".tmp" in f]
-    assert status == "partial"  # epoch 2's row did not make the run look finished
+    assert status == ("partial" if saved == 1 else "done")
 
 
 @pytest.mark.parametrize("case", ["batch larger than the data", "label = class count", "missing std checkpoint",
@@ -157,6 +164,47 @@ def test_a_start_that_fails_leaves_no_run_folder(case, finished, tmp_path, capsy
         assert not os.path.exists(tmp_path / "a")
     # the command now works
     run_main(tiny_args(write_npz(tmp_path / "good.npz"), out, "--method", "at", "--epochs", "1"))
+
+
+@pytest.mark.parametrize("case", ["triton kernel without CUDA", "bf16 on a GPU without it"])
+def test_what_this_machine_lacks_is_refused_before_any_work(case, finished, tmp_path, monkeypatch, capsys):
+    npz, _ = finished
+    out = tmp_path / "r"
+    if case == "triton kernel without CUDA":  # failed at step 1 with a traceback, after config.json existed
+        monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+        argv, needle = tiny_args(npz, out, "--method", "at", "--train", "--tp-impl", "triton"), "--tp-impl triton needs"
+    else:  # a GPU older than Ampere, as torch reports it
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+        argv, needle = tiny_args(npz, out, "--method", "at", "--amp", "bf16", "--device", "cuda"), "--amp bf16"
+    assert needle in refused(argv, capsys)
+    assert not os.path.exists(out)
+
+
+def test_a_start_that_failed_before_its_first_checkpoint_restarts_with_the_same_command(finished, tmp_path,
+                                                                                        monkeypatch, capsys):
+    """A failure no check foresaw, at step 1: config.json and log.txt exist, no checkpoint. The same command
+    starts the run again (its earlier log kept); --resume says so instead of only 'no checkpoint'."""
+    npz, full = finished
+    out = tmp_path / "r"
+    argv = tiny_args(npz, out, "--method", "at")
+
+    def failing_step(*a, **kw):
+        raise RuntimeError("a failure no check foresaw")
+    monkeypatch.setattr(common, "train_step", failing_step)
+    with pytest.raises(RuntimeError, match="no check foresaw"):
+        run_main(argv)
+    assert sorted(os.listdir(out)) == ["config.json", "log.txt"]
+    first_log = (out / "log.txt").read_text()
+    assert "without --resume" in refused(["--data-file", npz, "--out", str(out), "--device", "cpu", "--resume"], capsys)
+    monkeypatch.undo()
+    run_main(argv)
+    log = (out / "log.txt").read_text()
+    assert log.startswith(first_log) and "wrote no checkpoint; starting again" in log
+    drop = lambda r: {k: v for k, v in r.items() if k != "seconds"}
+    assert [drop(r) for r in read_rows(out)] == [drop(r) for r in read_rows(full)]
+    (out / "last.pt").unlink()  # a folder with results is never restarted: metrics.jsonl would be lost
+    assert "already holds a run" in refused(argv, capsys)
 
 
 @pytest.mark.slow
@@ -188,6 +236,18 @@ def test_resume_of_a_finished_run_says_so_and_exits_0(run_copy, capsys):
     assert snapshot(out) == before
 
 
+def test_resume_with_data_of_another_class_count_is_one_line_before_any_work(run_copy, tmp_path, capsys):
+    npz, out = run_copy
+    saved = json.load(open(out / "config.json"))
+    saved["config"]["epochs"] = 3  # 2 of 3 epochs done: --resume would train
+    (out / "config.json").write_text(json.dumps(saved))
+    before = snapshot(out)
+    six = write_npz(tmp_path / "six.npz", classes=6)
+    err = refused(["--data-file", six, "--out", str(out), "--device", "cpu", "--resume"], capsys)
+    assert "was trained on 4 classes, but the data set has 6" in err and "last.pt" in err
+    assert snapshot(out) == before
+
+
 @pytest.mark.parametrize("flag", [["--lr", "0.05"], ["--epochs", "3"], ["--method", "trades"], ["--train"],
                                   ["--steps", "3"], ["--train-n", "32"]])
 def test_resume_refuses_flags_that_change_the_run_but_not_where_it_runs(run_copy, flag, capsys):
@@ -208,9 +268,43 @@ def unwritable(folder):
     return lambda: os.chmod(folder, 0o755)
 
 
-def limit_file_size():  # a full disk, as a process sees it: writes past 1 KiB fail (EFBIG; Python ignores SIGXFSZ)
-    import resource
-    resource.setrlimit(resource.RLIMIT_FSIZE, (1024, 1024))
+def limit_file_size(size=1024):  # a full disk, as a process sees it: writes past size fail (EFBIG; Python ignores
+    resource.setrlimit(resource.RLIMIT_FSIZE, (size, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))  # SIGXFSZ)
+
+
+@contextlib.contextmanager
+def full_disk_here(size=1024):
+    """limit_file_size in this process, undone afterwards (the soft limit alone, which may be raised again)."""
+    old = resource.getrlimit(resource.RLIMIT_FSIZE)
+    limit_file_size(size)
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, old)
+
+
+def test_a_full_disk_mid_run_is_one_line_and_metrics_stay_with_the_checkpoint(finished, tmp_path, monkeypatch,
+                                                                              capsys):
+    """The disk fills while epoch 2's last.pt is written: one line naming the disk, exit 2, no temp file left,
+    metrics.jsonl not ahead of last.pt; --resume then ends where an uninterrupted run ends."""
+    npz, full = finished
+    out = tmp_path / "r"
+    real = common.save_checkpoint
+
+    def on_a_full_disk(path, models, opts, progress, cfg, scaler=None):
+        if progress["epoch"] == 2 and path.endswith("last.pt"):
+            with full_disk_here():
+                return real(path, models, opts, progress, cfg, scaler)
+        return real(path, models, opts, progress, cfg, scaler)
+    monkeypatch.setattr(common, "save_checkpoint", on_a_full_disk)
+    err = refused(tiny_args(npz, out, "--method", "at"), capsys)
+    assert "last.pt" in err and "File too large" in err and "free on /" in err and "--resume" in err
+    assert not [f for f in os.listdir(out) if ".tmp" in f]
+    assert [r["epoch"] for r in read_rows(out)] == [1] and progress(out)["epoch"] == 1
+    monkeypatch.setattr(common, "save_checkpoint", real)
+    run_main(["--data-file", npz, "--out", str(out), "--device", "cpu", "--resume"])
+    drop = lambda r: {k: v for k, v in r.items() if k != "seconds"}
+    assert [drop(r) for r in read_rows(out)] == [drop(r) for r in read_rows(full)]
 
 
 @pytest.mark.slow
