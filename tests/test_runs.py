@@ -201,7 +201,7 @@ def test_help_shows_every_flag_with_help_and_default():
         flag = "--" + f.name.replace("_", "-")
         assert flag in text, flag
     assert text.count("(default: ") >= len({f.name for f in fields(runs.Config)})
-    assert "--lam LAM" in text and "(default: 5)" in text and "(default: wrn34_10)" in text
+    assert "--lam LAM" in text and "(default: 5)" in text and "(default: wrn34_10; --quick: cnn_small)" in text
 
 
 def test_quick_replaces_the_papers_settings_not_a_scripts_own_choice(capsys):
