@@ -258,7 +258,9 @@ class Actions:
     eval: str = setting(
         "", "evaluate a checkpoint: natural, PGD-20, CW-20, AutoAttack, kNN, test L_TP", CLI, metavar="CKPT"
     )
-    table: list = setting(None, "print one markdown table of evaluated runs", CLI, nargs="+", metavar="RUN")
+    table: list = setting(None, "print one markdown table of runs (run folders or eval.json files, e.g. runs/*): every "
+                          "row of each eval.json, latest first; what has none gets a row saying why", CLI, nargs="+",
+                          metavar="RUN")
     export: list = setting(None, "write CKPT's M' as a plain state_dict to FILE (TRADES' / RobustBench's WideResNet "
                            "key names for wrn34_10)", CLI, nargs=2, metavar=("CKPT", "FILE"))
     out: str = setting("", "run folder (default: <runs-dir>/<name from the non-default flags>)", CLI)
@@ -909,9 +911,9 @@ def write_eval(res, run_dir, log=print):
     if legacy:
         merged["legacy_rows"] = legacy
     write_atomic(path, json.dumps(merged, indent=2))
-    rows = (legacy or []) + [results_row(r) for r in merged.get("earlier", []) + [merged]]
+    rows = (legacy or []) + run_rows(merged)[::-1]  # oldest first, as --table lists them latest first
     write_atomic(md, "\n".join(rows) + "\n")
-    log(TABLE_HEADER + "\n" + results_row(merged))
+    log(TABLE_HEADER + "\n" + run_rows(merged)[0])
     return merged
 
 
@@ -954,16 +956,23 @@ def export_state_dict(ckpt_path, out_path):
 
 # =====================================================================================
 # 4. tables
-#    --table RUN ...: one markdown row per evaluated run.
+#    --table RUN ...: every row of each run's eval.json; what has none gets a row saying why.
 # =====================================================================================
 TABLE_HEADER = ("| run | eps | Natural | PGD-20 | CW-20 | AA | kNN natural | kNN robust | checkpoint |\n"
                 "| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
 
 
-def row_label(res):
+# Settings that define a row (ROW_KEYS, METRIC_SETTINGS) but have no cell of their own: where a run's rows differ
+# in one, each row's run cell names its value (eps, n, checkpoint and epoch are in every row already).
+ROW_NOTES = {"pgd_steps": "steps", "pgd_step_size": "step size", "cw_kappa": "CW kappa", "aa_n": "AA n",
+             "aa_attacks": "AA attacks", "knn_train_n": "kNN support n"}
+
+
+def row_label(res, note=""):
     """The run cell: run, model, checkpoint file and epoch, and the number of test images of every column."""
     return (res["run"] + ("" if res.get("model", "adv") == "adv" else " (M)")
-            + f" ({os.path.basename(res.get('checkpoint', '?'))}, epoch {res.get('epoch')}, n={res.get('n_test')})")
+            + f" ({os.path.basename(res.get('checkpoint', '?'))}, epoch {res.get('epoch')}, n={res.get('n_test')}"
+            + note + ")")
 
 
 def aa_cell(res, pct):
@@ -975,7 +984,7 @@ def aa_cell(res, pct):
     return f"{pct(res['aa'])} (n={res['aa_n']}{on_them})"
 
 
-def results_row(res, k="30"):
+def results_row(res, k="30", note=""):
     """One markdown row in the paper's column order; kNN at k=30 (or the first k evaluated). Every row says
     how many test images each column used (row_label, aa_cell); the last
     column says which checkpoint (checkpoint_facts' selection; '-' where eval.json lacks it)."""
@@ -985,7 +994,7 @@ def results_row(res, k="30"):
     kk = k if k in knn.get("natural", {}) else next(iter(knn.get("natural", {})), None)
     steps_note = "" if res.get("pgd_steps", 20) == 20 else f" ({res['pgd_steps']} steps)"
     aa = aa_cell(res, pct)
-    cells = [row_label(res), f"{res['eps'] * 255:.2f}/255",
+    cells = [row_label(res, note), f"{res['eps'] * 255:.2f}/255",
              pct(res.get("natural")), pct(res.get("pgd")) + steps_note * ("pgd" in res),
              pct(res.get("cw")) + steps_note * ("cw" in res), aa,
              pct(knn["natural"][kk]) if kk else "-", pct(knn["robust"][kk]) if kk else "-",
@@ -993,15 +1002,86 @@ def results_row(res, k="30"):
     return "| " + " | ".join(cells) + " |"
 
 
+def eval_rows(ev):
+    """eval.json's rows, latest first (the row --table showed before earlier ones were listed), with the note of
+    each run cell when there are several: latest or earlier, and the ROW_NOTES settings in which they differ."""
+    rows = [ev] + ev.get("earlier", [])[::-1]
+    if len(rows) == 1:
+        return [(ev, "")]
+    differ = [k for k in ROW_NOTES if len({json.dumps(r.get(k)) for r in rows}) > 1]
+    notes = [["earlier" if i else "latest"] + [f"{ROW_NOTES[k]} {shown(r.get(k))}" for k in differ]
+             for i, r in enumerate(rows)]
+    return [(r, "; " + ", ".join(n)) for r, n in zip(rows, notes)]
+
+
+def run_rows(ev):
+    return [results_row(r, note=note) for r, note in eval_rows(ev)]
+
+
+def note_row(path, note):
+    """A table row for what has no results: the path, then why (cells kept to one line, no stray '|')."""
+    cell = lambda text: " ".join(str(text).replace("|", "\\|").split())
+    return "| " + " | ".join([cell(path), cell(note)] + ["-"] * (TABLE_HEADER.count("---") - 2)) + " |"
+
+
+def load_eval(path):
+    """(eval.json's dict, None), or (None, why it is none). A file that does not start as a JSON object is read no
+    further (a checkpoint given by mistake is not decoded whole); one without a row (config.json) is no eval.json."""
+    try:
+        with open(path, "rb") as fh:
+            if fh.read(256).lstrip()[:1] != b"{":
+                return None, "not JSON"
+            fh.seek(0)
+            ev = json.loads(fh.read().decode())
+    except (OSError, ValueError) as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        return None, f"{type(e).__name__}: {e}"
+    if not isinstance(ev, dict) or not {"run", "eps"} <= ev.keys():
+        return None, "no evaluation in it"
+    return ev, None
+
+
+def runs_inside(folder):
+    """The run folders (a config.json inside) directly in folder: a study's root."""
+    with contextlib.suppress(OSError):
+        return sum(os.path.isfile(os.path.join(folder, d, "config.json")) for d in os.listdir(folder))
+    return 0
+
+
+def table_entry(path):
+    """What --table lists for one argument: (its rows, None) for a run folder or eval.json file with results, else
+    (None, why there are none) and whether it is a run folder all the same (not evaluated, eval.json unreadable)."""
+    f = os.path.join(path, "eval.json") if os.path.isdir(path) else path
+    if os.path.isfile(f):
+        ev, why = load_eval(f)
+        if ev is not None:
+            return run_rows(ev), None, True
+        if f != path:
+            return None, f"eval.json unreadable ({why})", True
+        return None, f"not a run folder or eval.json ({why})", False
+    if not os.path.exists(path):
+        return None, "not found", False
+    if not os.access(path, os.R_OK | os.X_OK):
+        return None, "not a run folder (unreadable)", False
+    ckpt = next((c for c in ("best.pt", "last.pt") if os.path.isfile(os.path.join(path, c))), None)
+    if ckpt or os.path.isfile(os.path.join(path, "config.json")):
+        return None, f"not evaluated ({f'--eval {os.path.join(path, ckpt)}' if ckpt else 'no checkpoint yet'})", True
+    held = runs_inside(path)
+    inside = f"; it holds {held} run folder{'s' * (held > 1)}: --table {path}/*" if held else ""
+    return None, "not a run folder" + inside, False
+
+
 def results_table(paths):
-    """One markdown table of many runs: each path a run folder or an eval.json."""
-    rows = []
+    """One markdown table of many runs (each path a run folder or an eval.json); what has no results gets a row
+    saying why, so that one stray entry of a glob (runs/*) does not cost the table; none a run: a UserError."""
+    rows, notes, any_run = [], [], False
     for p in paths:
-        f = os.path.join(p, "eval.json") if os.path.isdir(p) else p
-        if not os.path.isfile(f):
-            raise UserError(f"--table: {p} has no eval.json (evaluate it first with --eval {p}/best.pt)")
-        with open(f) as fh:
-            rows.append(results_row(json.load(fh)))
+        got, why, is_run = table_entry(p)
+        rows += got or [note_row(p, why)]
+        if why is not None:
+            notes.append(f"{p}: {why}")
+        any_run |= is_run
+    if not any_run:
+        raise UserError(f"--table: no run folder or eval.json among the arguments ({'; '.join(notes)})")
     return TABLE_HEADER + "\n" + "\n".join(rows)
 
 

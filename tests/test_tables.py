@@ -1,0 +1,85 @@
+"""Reading results back (issue 19, items 5 and 9): --table over folders as a glob gives them (not evaluated, not
+a run, unreadable, evaluated under several settings) and --plot's learning curves from metrics.jsonl."""
+import json
+import os
+import shutil
+
+import pytest
+
+import runs
+from conftest import read_rows, refused, run_main, tiny_args, write_npz
+
+
+@pytest.fixture(scope="module")
+def evaluated(tmp_path_factory):
+    """A finished 2-epoch TRADES + TRAIN run (M' and M), evaluated under three settings: eps 0.031 with PGD-2
+    (monitored only), eps 0.05, then eps 0.05 with PGD-3: three rows in eval.json, two in "earlier"."""
+    d = tmp_path_factory.mktemp("tables")
+    npz = write_npz(d / "data.npz")
+    run_main(tiny_args(npz, d / "runs" / "a", "--method", "trades", "--train"))
+    ev = ["--eval", str(d / "runs" / "a" / "last.pt"), "--metrics", "nat", "--eval-steps", "2"]
+    for extra in ([], ["--eps", "0.05"], ["--eps", "0.05", "--eval-steps", "3"]):
+        run_main(ev + extra)
+    return d / "runs"
+
+
+def table(paths, capsys):
+    """--table paths -> the printed lines (it must not exit)."""
+    capsys.readouterr()
+    run_main(["--table", *map(str, paths)])
+    return capsys.readouterr().out.strip().splitlines()
+
+
+def cells(line):
+    return [c.strip() for c in line.strip().strip("|").split("|")]
+
+
+# ------------------------------------------------------------------------------------- --table
+def test_table_lists_a_folder_not_evaluated_and_still_prints(evaluated, tmp_path, capsys):
+    """`--table runs/*` used to stop at the first folder without eval.json (exit 2, no table)."""
+    todo = tmp_path / "b"
+    shutil.copytree(evaluated / "a", todo, ignore=shutil.ignore_patterns("eval.json", "results.md"))
+    lines = table([evaluated / "a", todo], capsys)
+    assert lines[0].startswith("| run | eps | Natural |") and len(lines) == 2 + 3 + 1
+    row = cells(lines[-1])
+    assert row[0] == str(todo) and row[1].startswith("not evaluated") and f"--eval {todo}/best.pt" in row[1]
+    assert len(row) == len(cells(lines[0]))  # a well-formed markdown row
+
+
+@pytest.mark.parametrize("what", ["metrics.jsonl", "last.pt", "config.json", "missing", "study"])
+def test_table_gives_a_row_to_what_is_not_a_run_and_one_line_when_nothing_is(what, evaluated, tmp_path, capsys):
+    """A file argument used to end in a JSONDecodeError (metrics.jsonl) or UnicodeDecodeError (last.pt) traceback.
+    Among runs (a glob's strays): a "not a run folder" row; alone: one line, exit 2."""
+    study = tmp_path / "study"
+    shutil.copytree(evaluated / "a", study / "a")  # a folder of run folders, as a study's root is
+    path = {"missing": tmp_path / "nothing", "study": study}.get(what, evaluated / "a" / what)
+    row = cells(table([evaluated / "a", path], capsys)[-1])
+    assert row[0] == str(path) and row[1].startswith("not found" if what == "missing" else "not a run folder"), row
+    if what == "study":
+        assert f"--table {study}/*" in row[1]
+    err = refused(["--table", str(path)], capsys)
+    assert str(path) in err and ("not found" if what == "missing" else "not a run folder") in err
+
+
+def test_table_says_an_unreadable_eval_json_in_its_row(evaluated, tmp_path, capsys):
+    """It used to end in a JSONDecodeError traceback. The folder is a run all the same: its row, exit 0."""
+    bad = tmp_path / "bad"
+    shutil.copytree(evaluated / "a", bad)
+    (bad / "eval.json").write_text('{"natural": 0.5, ')  # cut short
+    for args in ([evaluated / "a", bad], [bad]):
+        row = cells(table(args, capsys)[-1])
+        assert row[0] == str(bad) and row[1].startswith("eval.json unreadable (JSONDecodeError"), row
+
+
+def test_table_shows_every_row_of_a_run_evaluated_under_several_settings(evaluated, capsys):
+    """It used to show the latest row only. Latest first (the row --table always showed), then the earlier ones;
+    the run cell says which is which and the settings that tell them apart (the eps column says eps)."""
+    lines = table([evaluated / "a"], capsys)
+    rows = [cells(line) for line in lines[2:]]
+    assert len(rows) == 3
+    assert [r[1] for r in rows] == ["12.75/255", "12.75/255", f"{0.031 * 255:.2f}/255"]
+    assert "latest" in rows[0][0] and "steps 3" in rows[0][0] and "n=32" in rows[0][0]
+    assert all("earlier" in r[0] for r in rows[1:]) and all("steps 2" in r[0] for r in rows[1:])
+    assert len({(r[0], r[1]) for r in rows}) == 3  # no two rows look alike
+    md = (evaluated / "a" / "results.md").read_text().splitlines()  # results.md: the same rows, oldest first
+    assert md == lines[2:][::-1]
