@@ -1,6 +1,6 @@
 """The harness around common.py: settings (Config, EvalConfig, Actions and their parsing), the command line
 shared by every experiment script, run folders (lock, config.json, resume, export), evaluation files
-(eval.json merging, results.md) and tables.
+(eval.json merging, results.md), tables and learning curves.
 
 Imports go one way: runs.py uses common.py, never the reverse (common.main imports this module when a
 script starts). A parser is built from the registries of common.py when a script runs, so a method,
@@ -9,9 +9,11 @@ relation loss or model registered by an experiment script is a valid --method / 
 import argparse
 import contextlib
 import fcntl
+import hashlib
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import time
@@ -261,6 +263,9 @@ class Actions:
     table: list = setting(None, "print one markdown table of runs (run folders or eval.json files, e.g. runs/*): every "
                           "row of each eval.json, latest first; what has none gets a row saying why", CLI, nargs="+",
                           metavar="RUN")
+    plot: list = setting(None, "draw natural and PGD accuracy per epoch (M' solid, M dashed) and the loss terms of "
+                         "each RUN's metrics.jsonl into one PNG: RUN/curves.png for one run, curves_<names>.png in "
+                         "the common parent folder of several", CLI, nargs="+", metavar="RUN")
     export: list = setting(None, "write CKPT's M' as a plain state_dict to FILE (TRADES' / RobustBench's WideResNet "
                            "key names for wrn34_10)", CLI, nargs=2, metavar=("CKPT", "FILE"))
     out: str = setting("", "run folder (default: <runs-dir>/<name from the non-default flags>)", CLI)
@@ -955,8 +960,9 @@ def export_state_dict(ckpt_path, out_path):
 
 
 # =====================================================================================
-# 4. tables
+# 4. tables and curves
 #    --table RUN ...: every row of each run's eval.json; what has none gets a row saying why.
+#    --plot RUN ...: learning curves from metrics.jsonl, drawn by the function the studies draw theirs with.
 # =====================================================================================
 TABLE_HEADER = ("| run | eps | Natural | PGD-20 | CW-20 | AA | kNN natural | kNN robust | checkpoint |\n"
                 "| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
@@ -1085,6 +1091,120 @@ def results_table(paths):
     return TABLE_HEADER + "\n" + "\n".join(rows)
 
 
+def read_metrics(run_dir):
+    """metrics.jsonl's rows, one per epoch. A last line without its newline is being written by a run in training
+    and is left out; a missing file or an unreadable line is a UserError."""
+    path = os.path.join(run_dir, "metrics.jsonl")
+    if not os.path.isfile(path):
+        raise UserError(f"{run_dir} has no metrics.jsonl (not a run folder, or no epoch of it has ended)")
+    try:
+        with open(path) as fh:
+            lines = fh.readlines()
+    except (OSError, ValueError) as e:
+        raise UserError(f"could not read {path} ({type(e).__name__}: {e})")
+    rows = []
+    for i, line in enumerate(lines, 1):
+        if line.strip() and line.endswith("\n"):
+            try:
+                rows.append(json.loads(line))
+            except ValueError as e:
+                raise UserError(f"could not read {path} line {i} ({e})")
+    return rows
+
+
+def pyplot():
+    import matplotlib
+    matplotlib.use("Agg")  # files only, no display needed
+    import matplotlib.pyplot as plt
+    return plt
+
+
+LOSS_STYLES = ("-", "--", ":", "-.", (0, (5, 1)), (0, (3, 1, 1, 1, 1, 1)))  # a run's loss terms, several runs drawn
+
+
+def curves_figure(curves):
+    """curves: {label: [metrics.jsonl rows of each seed]} -> a figure of three panels, the mean over seeds per
+    epoch: natural and PGD accuracy on the monitored test images of M' (solid) and M (dashed, when trained), and
+    the training loss terms. Several labels: a colour each (loss terms by line style); one: a colour per term."""
+    plt = pyplot()
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4))
+    pgd_keys, one = set(), len(curves) == 1
+    for i, (label, seeds) in enumerate(curves.items()):
+        n = min(len(rows) for rows in seeds)  # the epochs every seed has reached
+        epochs, first = [r["epoch"] for r in seeds[0][:n]], seeds[0][0]
+        mean = lambda k, scale=1: [scale * statistics.mean(rows[e][k] for rows in seeds) for e in range(n)]
+        colour = plt.cm.tab10(i % 10)
+        pgd = next((k for k in first if k.startswith("pgd") and k.endswith("_acc")), None)
+        pgd_keys.add(pgd)
+        for ax, key in ((axes[0], "nat_acc"), (axes[1], pgd)):
+            if key in first:
+                ax.plot(epochs, mean(key, 100), color=colour, marker="o", ms=3, label=f"{label} M'")
+            if key and "std_" + key in first:
+                ax.plot(epochs, mean("std_" + key, 100), color=colour, ls="--", label=f"{label} M")
+        for j, k in enumerate(k for k in first if k.startswith("loss/")):
+            style = dict(color=plt.cm.tab10(j % 10), label=k[5:]) if one else dict(
+                color=colour, ls=LOSS_STYLES[j % len(LOSS_STYLES)], label=f"{label} {k[5:]}")
+            axes[2].plot(epochs, mean(k), **style)
+    steps = f"PGD-{pgd_keys.pop()[3:-4]}" if len(pgd_keys) == 1 and None not in pgd_keys else "PGD"
+    for ax, title in zip(axes, ("natural accuracy", f"{steps} accuracy")):
+        ax.set_title(f"{title} (monitored test images)")
+        ax.set_ylabel("accuracy (%)")
+    axes[2].set_title("training loss terms (epoch mean)")
+    if all(v > 0 for line in axes[2].lines for v in line.get_ydata()):
+        axes[2].set_yscale("log")  # the terms differ by orders of magnitude
+    for ax in axes:
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+    axes[1].legend(fontsize=7, loc="best")
+    axes[2].legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    return fig
+
+
+def plot_learning_curves(curves, path):
+    """curves_figure(curves) as a PNG at path, atomically (a temp file renamed; removed if that fails) -> path."""
+    fig, tmp = curves_figure(curves), f"{path}.tmp{os.getpid()}"
+    try:
+        fig.savefig(tmp, format="png", dpi=120)
+        os.replace(tmp, path)
+    finally:
+        pyplot().close(fig)
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+    return path
+
+
+def plot_path(paths):
+    """Where --plot writes, beside the runs: RUN/curves.png for one; for several, curves_<a>_vs_<b>....png in their
+    common parent folder (a long list: the first name, the count and a hash of the names, so sets differ)."""
+    if len(paths) == 1:
+        return os.path.join(paths[0], "curves.png")
+    full = [os.path.abspath(p) for p in paths]
+    names = [os.path.basename(p) for p in full]
+    name = "_vs_".join(names)
+    if len(name) > 100:
+        digest = hashlib.sha1("\n".join(names).encode()).hexdigest()[:8]
+        name = f"{names[0][:100]}_and_{len(names) - 1}_more_{digest}"
+    return os.path.join(os.path.commonpath([os.path.dirname(p) for p in full]), f"curves_{name}.png")
+
+
+def plot_runs(paths):
+    """--plot RUN ...: one PNG of the runs' learning curves (curves_figure) at plot_path -> its path."""
+    names = [os.path.basename(os.path.abspath(p)) for p in paths]
+    labels = names if len(set(names)) == len(names) else paths  # same folder names: the paths tell them apart
+    curves = {}
+    for label, p in zip(labels, paths):
+        rows = read_metrics(p)
+        if not rows:
+            raise UserError(f"--plot: {p} has no epoch in metrics.jsonl yet")
+        curves[label] = [rows]
+    out = plot_path(paths)
+    try:
+        return plot_learning_curves(curves, out)
+    except OSError as e:
+        raise UserError(f"--plot: could not write {out} ({type(e).__name__}: {e})")
+
+
 # =====================================================================================
 # 5. the command line
 #    main(): the one argv parser and the one sys.exit of every experiment script.
@@ -1104,6 +1224,10 @@ def main(defaults, argv=None, prefix=None):
         if given.get("table"):
             print(results_table(given["table"]))
             return None
+        if given.get("plot"):
+            path = plot_runs(given["plot"])
+            print(f"wrote the learning curves of {', '.join(given['plot'])} to {path}")
+            return path
         if given.get("export"):
             print(f"wrote M' of {given['export'][0]} as a plain state_dict to {export_state_dict(*given['export'])}")
             return given["export"][1]

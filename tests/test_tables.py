@@ -1,5 +1,5 @@
-"""Reading results back (issue 19, items 5 and 9): --table over folders as a glob gives them (not evaluated, not
-a run, unreadable, evaluated under several settings) and --plot's learning curves from metrics.jsonl."""
+"""Reading results back (issue 19, items 5 and 9): --table over what a glob gives it (not evaluated, not a run,
+unreadable, evaluated under several settings) and --plot's learning curves from metrics.jsonl."""
 import json
 import os
 import shutil
@@ -83,3 +83,82 @@ def test_table_shows_every_row_of_a_run_evaluated_under_several_settings(evaluat
     assert len({(r[0], r[1]) for r in rows}) == 3  # no two rows look alike
     md = (evaluated / "a" / "results.md").read_text().splitlines()  # results.md: the same rows, oldest first
     assert md == lines[2:][::-1]
+# ------------------------------------------------------------------------------------- --plot
+def test_plot_of_one_run_writes_curves_png_in_its_folder(evaluated, tmp_path, capsys):
+    shutil.copytree(evaluated / "a", tmp_path / "a")
+    capsys.readouterr()
+    path = run_main(["--plot", str(tmp_path / "a")])
+    assert path == str(tmp_path / "a" / "curves.png") and path in capsys.readouterr().out
+    with open(path, "rb") as fh:
+        assert fh.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_plot_of_several_runs_writes_into_their_common_parent(evaluated, tmp_path, capsys):
+    shutil.copytree(evaluated / "a", tmp_path / "runs" / "b")
+    shutil.copytree(evaluated / "a", tmp_path / "runs" / "c")
+    path = run_main(["--plot", str(tmp_path / "runs" / "b"), str(tmp_path / "runs" / "c")])
+    assert path == str(tmp_path / "runs" / "curves_b_vs_c.png") and os.path.getsize(path) > 0
+
+
+def test_curves_figure_draws_m_prime_solid_m_dashed_and_every_loss_term(evaluated):
+    rows = read_rows(evaluated / "a")
+    fig = runs.curves_figure({"a": [rows]})
+    nat, pgd, loss = fig.axes
+    style = {line.get_label(): line.get_linestyle() for line in nat.lines}
+    assert style == {"a M'": "-", "a M": "--"}
+    assert [list(line.get_ydata()) for line in pgd.lines] == [[100 * r[k] for r in rows]
+                                                             for k in ("pgd2_acc", "std_pgd2_acc")]
+    terms = sorted(k[5:] for k in rows[0] if k.startswith("loss/"))
+    assert sorted(line.get_label() for line in loss.lines) == terms and "total" in terms
+
+
+def test_curves_of_a_study_are_the_mean_over_seeds(evaluated, tmp_path):
+    """The evidence study draws its curves with the same function: one line per label, the mean of its seeds."""
+    seeds = [[{**r, "nat_acc": acc} for r in read_rows(evaluated / "a")] for acc in (0.2, 0.4)]
+    fig = runs.curves_figure({"TRADES": seeds, "AT": seeds[:1]})
+    assert [list(line.get_ydata()) for line in fig.axes[0].lines[::2]] == [pytest.approx([30, 30]), [20, 20]]
+    path = runs.plot_learning_curves({"TRADES": seeds}, str(tmp_path / "study.png"))
+    assert os.path.getsize(path) > 0
+
+
+@pytest.mark.parametrize("case, needle", [("empty folder", "has no metrics.jsonl"), ("missing", "has no metrics.jsonl"),
+                                          ("file", "has no metrics.jsonl"), ("no epoch", "no epoch"),
+                                          ("garbage", "metrics.jsonl line 2")])
+def test_plot_refuses_what_it_cannot_draw_in_one_line(case, needle, evaluated, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(evaluated / "a", run)
+    path = {"empty folder": tmp_path / "empty", "missing": tmp_path / "nothing", "file": run / "last.pt"}.get(case, run)
+    os.makedirs(tmp_path / "empty")
+    if case == "no epoch":
+        (run / "metrics.jsonl").write_text("")
+    if case == "garbage":
+        (run / "metrics.jsonl").write_text(json.dumps(read_rows(evaluated / "a")[0]) + "\nnot json\n")
+    err = refused(["--plot", str(run), str(path)] if case != "garbage" else ["--plot", str(run)], capsys)
+    assert needle in err and str(path) in err
+    assert not os.path.exists(tmp_path / "curves_run_vs_empty.png")
+
+
+def test_plot_skips_a_row_being_written(evaluated, tmp_path):
+    """A run still training may be caught half-way through a metrics.jsonl line: the last complete epoch counts."""
+    run = tmp_path / "run"
+    shutil.copytree(evaluated / "a", run)
+    with open(run / "metrics.jsonl", "a") as fh:
+        fh.write('{"epoch": 3, "lr"')
+    assert [r["epoch"] for r in runs.read_metrics(run)] == [1, 2]
+    assert os.path.isfile(run_main(["--plot", str(run)]))
+
+
+def test_plot_that_cannot_write_its_picture_says_so_in_one_line(evaluated, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(evaluated / "a", run)
+    os.makedirs(run / "curves.png")  # where the picture goes: a folder in the way
+    assert "could not write" in refused(["--plot", str(run)], capsys)
+    assert set(os.listdir(run)) == {*os.listdir(evaluated / "a"), "curves.png"}  # no temporary file left
+
+
+def test_plot_of_many_runs_names_its_picture_by_the_first_run_and_a_hash_of_all():
+    many = [f"runs/a_long_run_name_{i:03d}" for i in range(8)]
+    path = runs.plot_path(many)
+    assert os.path.dirname(path) == os.path.abspath("runs") and len(os.path.basename(path)) < 160
+    assert os.path.basename(path).startswith("curves_a_long_run_name_000_and_7_more_")
+    assert path != runs.plot_path(many[:-1] + ["runs/another"])
