@@ -386,41 +386,6 @@ def evidence_tables(results, labels=None, pairs=EVIDENCE_PAIRS):
     return "\n".join(lines)
 
 
-def read_metrics(run_dir):
-    with open(os.path.join(run_dir, "metrics.jsonl")) as fh:
-        return [json.loads(line) for line in fh if line.strip()]
-
-
-def plot_learning_curves(curves, path):
-    """curves: {label: [metrics rows of each seed]} -> one PNG: natural and PGD accuracy per epoch of M'
-    (solid) and M (dashed, TRAIN runs), the mean over seeds."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    pgd_key = "pgd_acc"
-    for i, (label, seeds) in enumerate(curves.items()):
-        colour = plt.cm.tab10(i % 10)
-        epochs = [r["epoch"] for r in seeds[0]]
-        pgd_key = next(k for k in seeds[0][0] if k.startswith("pgd") and k.endswith("_acc"))
-        for ax, key in ((axes[0], "nat_acc"), (axes[1], pgd_key)):
-            mean = lambda k: [100 * statistics.mean(rows[e][k] for rows in seeds) for e in range(len(epochs))]
-            ax.plot(epochs, mean(key), color=colour, marker="o", ms=3, label=f"{label} M'")
-            if "std_" + key in seeds[0][0]:
-                ax.plot(epochs, mean("std_" + key), color=colour, ls="--", label=f"{label} M")
-    axes[0].set_title("natural accuracy (monitored test images)")
-    axes[1].set_title(f"PGD-{pgd_key[3:-4]} accuracy (monitored test images)")
-    for ax in axes:
-        ax.set_xlabel("epoch")
-        ax.set_ylabel("accuracy (%)")
-        ax.grid(alpha=0.3)
-    axes[1].legend(fontsize=7, loc="best")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
-
-
 def evidence_study(scale, configs, seeds, passthrough, dry_run, log):
     """Train and evaluate every run of the evidence study; write evidence_<scale>.md and its curves PNG.
 
@@ -467,11 +432,11 @@ def evidence_study(scale, configs, seeds, passthrough, dry_run, log):
             continue
         results.setdefault(key, {})[seed] = r
         if key not in EVIDENCE_VARIANTS:  # the figure shows the main configurations only, to stay readable
-            curves.setdefault(label, []).append(read_metrics(study.dir_of(settings)))
+            curves.setdefault(label, []).append(runs.read_metrics(study.dir_of(settings)))
     table = evidence_tables(results)
     with open(os.path.join(study.root, f"evidence_{scale}.md"), "w") as fh:
         fh.write(table + "\n")
-    png = curves and plot_learning_curves(curves, os.path.join(study.root, f"evidence_{scale}_curves.png"))
+    png = curves and runs.plot_learning_curves(curves, os.path.join(study.root, f"evidence_{scale}_curves.png"))
     log(table)
     log(f"table: {os.path.join(study.root, f'evidence_{scale}.md')}; curves: {png}")
     return table
@@ -597,7 +562,7 @@ class ResponseStudy:
         for _, st in response_runs(["lambda"]):
             d = self.saved_dir(st)
             if d:
-                out.setdefault(str(st["lam"]), {})[st["seed"]] = val_score(read_metrics(d))
+                out.setdefault(str(st["lam"]), {})[st["seed"]] = val_score(runs.read_metrics(d))
         return out
 
     def keep(self, settings):
@@ -730,7 +695,7 @@ def response_report(rs, lam_star, log):
         if d:
             with open(os.path.join(d, "eval.json")) as fh:
                 r = json.load(fh)
-            done.append((arm, actual, r, response_values(r, read_metrics(d))))
+            done.append((arm, actual, r, response_values(r, runs.read_metrics(d))))
     text = response_tables(done, lam_star)
     os.makedirs(rs.results_root, exist_ok=True)
     with open(os.path.join(rs.results_root, "tables.md"), "w") as fh:

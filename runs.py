@@ -1,6 +1,6 @@
 """The harness around common.py: settings (Config, EvalConfig, Actions and their parsing), the command line
 shared by every experiment script, run folders (lock, config.json, resume, export), evaluation files
-(eval.json merging, results.md) and tables.
+(eval.json merging, results.md), tables and learning curves.
 
 Imports go one way: runs.py uses common.py, never the reverse (common.main imports this module when a
 script starts). A parser is built from the registries of common.py when a script runs, so a method,
@@ -10,10 +10,12 @@ import argparse
 import contextlib
 import errno
 import fcntl
+import hashlib
 import json
 import os
 import platform
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -261,7 +263,12 @@ class Actions:
     eval: str = setting(
         "", "evaluate a checkpoint: natural, PGD-20, CW-20, AutoAttack, kNN, test L_TP", CLI, metavar="CKPT"
     )
-    table: list = setting(None, "print one markdown table of evaluated runs", CLI, nargs="+", metavar="RUN")
+    table: list = setting(None, "print one markdown table of runs (run folders or eval.json files, e.g. runs/*): every "
+                          "row of each eval.json, latest first; what has none gets a row saying why", CLI, nargs="+",
+                          metavar="RUN")
+    plot: list = setting(None, "draw natural and PGD accuracy per epoch (M' solid, M dashed) and the loss terms of "
+                         "each RUN's metrics.jsonl into one PNG: RUN/curves.png for one run, curves_<names>.png in "
+                         "the common parent folder of several", CLI, nargs="+", metavar="RUN")
     export: list = setting(None, "write CKPT's M' as a plain state_dict to FILE (TRADES' / RobustBench's WideResNet "
                            "key names for wrn34_10)", CLI, nargs=2, metavar=("CKPT", "FILE"))
     out: str = setting("", "run folder (default: <runs-dir>/<name from the non-default flags>)", CLI)
@@ -1065,9 +1072,9 @@ def write_eval(res, run_dir, log=print):
     if legacy:
         merged["legacy_rows"] = legacy
     write_atomic(path, json.dumps(merged, indent=2))
-    rows = (legacy or []) + [results_row(r) for r in merged.get("earlier", []) + [merged]]
+    rows = (legacy or []) + run_rows(merged)[::-1]  # oldest first, as --table lists them latest first
     write_atomic(md, "\n".join(rows) + "\n")
-    log(TABLE_HEADER + "\n" + results_row(merged))
+    log(TABLE_HEADER + "\n" + run_rows(merged)[0])
     return merged
 
 
@@ -1111,17 +1118,25 @@ def export_state_dict(ckpt_path, out_path, overwrite=False):
 
 
 # =====================================================================================
-# 4. tables
-#    --table RUN ...: one markdown row per evaluated run.
+# 4. tables and curves
+#    --table RUN ...: every row of each run's eval.json; what has none gets a row saying why.
+#    --plot RUN ...: learning curves from metrics.jsonl, drawn by the function the studies draw theirs with.
 # =====================================================================================
 TABLE_HEADER = ("| run | eps | Natural | PGD-20 | CW-20 | AA | kNN natural | kNN robust | checkpoint |\n"
                 "| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
 
 
-def row_label(res):
+# Settings that define a row (ROW_KEYS, METRIC_SETTINGS) but have no cell of their own: where a run's rows differ
+# in one, each row's run cell names its value (eps, n, checkpoint and epoch are in every row already).
+ROW_NOTES = {"pgd_steps": "steps", "pgd_step_size": "step size", "cw_kappa": "CW kappa", "aa_n": "AA n",
+             "aa_attacks": "AA attacks", "knn_train_n": "kNN support n"}
+
+
+def row_label(res, note=""):
     """The run cell: run, model, checkpoint file and epoch, and the number of test images of every column."""
     return (res["run"] + ("" if res.get("model", "adv") == "adv" else " (M)")
-            + f" ({os.path.basename(res.get('checkpoint', '?'))}, epoch {res.get('epoch')}, n={res.get('n_test')})")
+            + f" ({os.path.basename(res.get('checkpoint', '?'))}, epoch {res.get('epoch')}, n={res.get('n_test')}"
+            + note + ")")
 
 
 def aa_cell(res, pct):
@@ -1133,7 +1148,7 @@ def aa_cell(res, pct):
     return f"{pct(res['aa'])} (n={res['aa_n']}{on_them})"
 
 
-def results_row(res, k="30"):
+def results_row(res, k="30", note=""):
     """One markdown row in the paper's column order; kNN at k=30 (or the first k evaluated). Every row says
     how many test images each column used (row_label, aa_cell); the last
     column says which checkpoint (checkpoint_facts' selection; '-' where eval.json lacks it)."""
@@ -1143,7 +1158,7 @@ def results_row(res, k="30"):
     kk = k if k in knn.get("natural", {}) else next(iter(knn.get("natural", {})), None)
     steps_note = "" if res.get("pgd_steps", 20) == 20 else f" ({res['pgd_steps']} steps)"
     aa = aa_cell(res, pct)
-    cells = [row_label(res), f"{res['eps'] * 255:.2f}/255",
+    cells = [row_label(res, note), f"{res['eps'] * 255:.2f}/255",
              pct(res.get("natural")), pct(res.get("pgd")) + steps_note * ("pgd" in res),
              pct(res.get("cw")) + steps_note * ("cw" in res), aa,
              pct(knn["natural"][kk]) if kk else "-", pct(knn["robust"][kk]) if kk else "-",
@@ -1151,16 +1166,201 @@ def results_row(res, k="30"):
     return "| " + " | ".join(cells) + " |"
 
 
+def eval_rows(ev):
+    """eval.json's rows, latest first (the row --table showed before earlier ones were listed), with the note of
+    each run cell when there are several: latest or earlier, and the ROW_NOTES settings in which they differ."""
+    rows = [ev] + ev.get("earlier", [])[::-1]
+    if len(rows) == 1:
+        return [(ev, "")]
+    differ = [k for k in ROW_NOTES if len({json.dumps(r.get(k)) for r in rows}) > 1]
+    notes = [["earlier" if i else "latest"] + [f"{ROW_NOTES[k]} {shown(r.get(k))}" for k in differ]
+             for i, r in enumerate(rows)]
+    return [(r, "; " + ", ".join(n)) for r, n in zip(rows, notes)]
+
+
+def run_rows(ev):
+    return [results_row(r, note=note) for r, note in eval_rows(ev)]
+
+
+def note_row(path, note):
+    """A table row for what has no results: the path, then why (cells kept to one line, no stray '|')."""
+    cell = lambda text: " ".join(str(text).replace("|", "\\|").split())
+    return "| " + " | ".join([cell(path), cell(note)] + ["-"] * (TABLE_HEADER.count("---") - 2)) + " |"
+
+
+def load_eval(path):
+    """(eval.json's dict, None), or (None, why it is none). A file that does not start as a JSON object is read no
+    further (a checkpoint given by mistake is not decoded whole); one without a row (config.json) is no eval.json."""
+    try:
+        with open(path, "rb") as fh:
+            if fh.read(256).lstrip()[:1] != b"{":
+                return None, "not JSON"
+            fh.seek(0)
+            ev = json.loads(fh.read().decode())
+    except (OSError, ValueError) as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        return None, f"{type(e).__name__}: {e}"
+    if not isinstance(ev, dict) or not {"run", "eps"} <= ev.keys():
+        return None, "no evaluation in it"
+    return ev, None
+
+
+def runs_inside(folder):
+    """The run folders (a config.json inside) directly in folder: a study's root."""
+    with contextlib.suppress(OSError):
+        return sum(os.path.isfile(os.path.join(folder, d, "config.json")) for d in os.listdir(folder))
+    return 0
+
+
+def table_entry(path):
+    """What --table lists for one argument: (its rows, None) for a run folder or eval.json file with results, else
+    (None, why there are none) and whether it is a run folder all the same (not evaluated, eval.json unreadable)."""
+    f = os.path.join(path, "eval.json") if os.path.isdir(path) else path
+    if os.path.isfile(f):
+        ev, why = load_eval(f)
+        if ev is not None:
+            return run_rows(ev), None, True
+        if f != path:
+            return None, f"eval.json unreadable ({why})", True
+        return None, f"not a run folder or eval.json ({why})", False
+    if not os.path.exists(path):
+        return None, "not found", False
+    if not os.access(path, os.R_OK | os.X_OK):
+        return None, "not a run folder (unreadable)", False
+    ckpt = next((c for c in ("best.pt", "last.pt") if os.path.isfile(os.path.join(path, c))), None)
+    if ckpt or os.path.isfile(os.path.join(path, "config.json")):
+        return None, f"not evaluated ({f'--eval {os.path.join(path, ckpt)}' if ckpt else 'no checkpoint yet'})", True
+    held = runs_inside(path)
+    inside = f"; it holds {held} run folder{'s' * (held > 1)}: --table {path}/*" if held else ""
+    return None, "not a run folder" + inside, False
+
+
 def results_table(paths):
-    """One markdown table of many runs: each path a run folder or an eval.json."""
-    rows = []
+    """One markdown table of many runs (each path a run folder or an eval.json); what has no results gets a row
+    saying why, so that one stray entry of a glob (runs/*) does not cost the table; none a run: a UserError."""
+    rows, notes, any_run = [], [], False
     for p in paths:
-        f = os.path.join(p, "eval.json") if os.path.isdir(p) else p
-        if not os.path.isfile(f):
-            raise UserError(f"--table: {p} has no eval.json (evaluate it first with --eval {p}/best.pt)")
-        with open(f) as fh:
-            rows.append(results_row(json.load(fh)))
+        got, why, is_run = table_entry(p)
+        rows += got or [note_row(p, why)]
+        if why is not None:
+            notes.append(f"{p}: {why}")
+        any_run |= is_run
+    if not any_run:
+        raise UserError(f"--table: no run folder or eval.json among the arguments ({'; '.join(notes)})")
     return TABLE_HEADER + "\n" + "\n".join(rows)
+
+
+def read_metrics(run_dir):
+    """metrics.jsonl's rows, one per epoch. A last line without its newline is being written by a run in training
+    and is left out; a missing file or an unreadable line is a UserError."""
+    path = os.path.join(run_dir, "metrics.jsonl")
+    if not os.path.isfile(path):
+        raise UserError(f"{run_dir} has no metrics.jsonl (not a run folder, or no epoch of it has ended)")
+    try:
+        with open(path) as fh:
+            lines = fh.readlines()
+    except (OSError, ValueError) as e:
+        raise UserError(f"could not read {path} ({type(e).__name__}: {e})")
+    rows = []
+    for i, line in enumerate(lines, 1):
+        if line.strip() and line.endswith("\n"):
+            try:
+                rows.append(json.loads(line))
+            except ValueError as e:
+                raise UserError(f"could not read {path} line {i} ({e})")
+    return rows
+
+
+def pyplot():
+    import matplotlib
+    matplotlib.use("Agg")  # files only, no display needed
+    import matplotlib.pyplot as plt
+    return plt
+
+
+LOSS_STYLES = ("-", "--", ":", "-.", (0, (5, 1)), (0, (3, 1, 1, 1, 1, 1)))  # a run's loss terms, several runs drawn
+
+
+def curves_figure(curves):
+    """curves: {label: [metrics.jsonl rows of each seed]} -> a figure of three panels, the mean over seeds per
+    epoch: natural and PGD accuracy on the monitored test images of M' (solid) and M (dashed, when trained), and
+    the training loss terms. Several labels: a colour each (loss terms by line style); one: a colour per term."""
+    plt = pyplot()
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4))
+    pgd_keys, one = set(), len(curves) == 1
+    for i, (label, seeds) in enumerate(curves.items()):
+        n = min(len(rows) for rows in seeds)  # the epochs every seed has reached
+        epochs, first = [r["epoch"] for r in seeds[0][:n]], seeds[0][0]
+        mean = lambda k, scale=1: [scale * statistics.mean(rows[e][k] for rows in seeds) for e in range(n)]
+        colour = plt.cm.tab10(i % 10)
+        pgd = next((k for k in first if k.startswith("pgd") and k.endswith("_acc")), None)
+        pgd_keys.add(pgd)
+        for ax, key in ((axes[0], "nat_acc"), (axes[1], pgd)):
+            if key in first:
+                ax.plot(epochs, mean(key, 100), color=colour, marker="o", ms=3, label=f"{label} M'")
+            if key and "std_" + key in first:
+                ax.plot(epochs, mean("std_" + key, 100), color=colour, ls="--", label=f"{label} M")
+        for j, k in enumerate(k for k in first if k.startswith("loss/")):
+            style = dict(color=plt.cm.tab10(j % 10), label=k[5:]) if one else dict(
+                color=colour, ls=LOSS_STYLES[j % len(LOSS_STYLES)], label=f"{label} {k[5:]}")
+            axes[2].plot(epochs, mean(k), **style)
+    steps = f"PGD-{pgd_keys.pop()[3:-4]}" if len(pgd_keys) == 1 and None not in pgd_keys else "PGD"
+    for ax, title in zip(axes, ("natural accuracy", f"{steps} accuracy")):
+        ax.set_title(f"{title} (monitored test images)")
+        ax.set_ylabel("accuracy (%)")
+    axes[2].set_title("training loss terms (epoch mean)")
+    if all(v > 0 for line in axes[2].lines for v in line.get_ydata()):
+        axes[2].set_yscale("log")  # the terms differ by orders of magnitude
+    for ax in axes:
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+    axes[1].legend(fontsize=7, loc="best")
+    axes[2].legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    return fig
+
+
+def plot_learning_curves(curves, path):
+    """curves_figure(curves) as a PNG at path, atomically (a temp file renamed; removed if that fails) -> path."""
+    fig, tmp = curves_figure(curves), f"{path}.tmp{os.getpid()}"
+    try:
+        fig.savefig(tmp, format="png", dpi=120)
+        os.replace(tmp, path)
+    finally:
+        pyplot().close(fig)
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+    return path
+
+
+def plot_path(paths):
+    """Where --plot writes, beside the runs: RUN/curves.png for one; for several, curves_<a>_vs_<b>....png in their
+    common parent folder (a long list: the first name, the count and a hash of the names, so sets differ)."""
+    if len(paths) == 1:
+        return os.path.join(paths[0], "curves.png")
+    full = [os.path.abspath(p) for p in paths]
+    names = [os.path.basename(p) for p in full]
+    name = "_vs_".join(names)
+    if len(name) > 100:
+        digest = hashlib.sha1("\n".join(names).encode()).hexdigest()[:8]
+        name = f"{names[0][:100]}_and_{len(names) - 1}_more_{digest}"
+    return os.path.join(os.path.commonpath([os.path.dirname(p) for p in full]), f"curves_{name}.png")
+
+
+def plot_runs(paths):
+    """--plot RUN ...: one PNG of the runs' learning curves (curves_figure) at plot_path -> its path."""
+    names = [os.path.basename(os.path.abspath(p)) for p in paths]
+    labels = names if len(set(names)) == len(names) else paths  # same folder names: the paths tell them apart
+    curves = {}
+    for label, p in zip(labels, paths):
+        rows = read_metrics(p)
+        if not rows:
+            raise UserError(f"--plot: {p} has no epoch in metrics.jsonl yet")
+        curves[label] = [rows]
+    out = plot_path(paths)
+    try:
+        return plot_learning_curves(curves, out)
+    except OSError as e:
+        raise UserError(f"--plot: could not write {out} ({type(e).__name__}: {e})")
 
 
 # =====================================================================================
@@ -1182,6 +1382,10 @@ def main(defaults, argv=None, prefix=None):
         if given.get("table"):
             print(results_table(given["table"]))
             return None
+        if given.get("plot"):
+            path = plot_runs(given["plot"])
+            print(f"wrote the learning curves of {', '.join(given['plot'])} to {path}")
+            return path
         if given.get("export"):
             out = export_state_dict(*given["export"], overwrite=given.get("overwrite", False))
             print(f"wrote M' of {given['export'][0]} as a plain state_dict to {out}")
