@@ -1093,6 +1093,15 @@ def amp_context(cfg, device_type):
     return lambda: torch.autocast(device_type, dtype=dtype)
 
 
+def amp_note(cfg, device):
+    """The start line's warning, or None: fp16 autocast on a CPU works but lacks fast kernels there. A warning,
+    not a refusal: the results are right (a GPU run's fp16 numerics can be checked on a CPU), only slow."""
+    if cfg.amp == "fp16" and device.type == "cpu":
+        return ("--amp fp16 on a CPU: training is ~15x slower than --amp off (no fast fp16 kernels there; measured "
+                "2026-12-02); prefer --amp off or bf16 on a CPU")
+    return None
+
+
 def train_step(models, opts, x, y, cfg, epoch, scaler=None, probe=False):
     """One step of Algorithm 1: attack, forward, all loss terms, one backward, every optimiser.
     Returns the detached terms; a non-finite one is the caller's to notice (check_finite), so the
@@ -1377,6 +1386,8 @@ def train(cfg, run_dir, data, resume=False, log=print, on_start=None):
         f"{len(data.x_test)} test images, {data.num_classes} classes, eps {cfg.eps:.4f}, device {device}")
     if models.ddp is not None:
         log(distributed.describe(cfg))
+    if note := amp_note(cfg, device):
+        log(note)
     with StopFlag():
         for epoch in tqdm(range(progress["epoch"] + 1, cfg.epochs + 1), desc="epochs", initial=progress["epoch"],
                           total=cfg.epochs, disable=distributed.bar_disable()):

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import common
+from conftest import run_main, tiny_args
 
 ATTACKS = {"attack_ce": common.attack_ce, "attack_kl": common.attack_kl, "attack_mart": common.attack_mart}
 
@@ -52,3 +53,13 @@ def test_fp16_attack_is_as_strong_as_fp32(name):
     (_, ce32, kl32), (zero16, ce16, kl16) = got["off"], got["fp16"]
     assert zero16 < 0.01, got
     assert kl16 == pytest.approx(kl32, rel=0.2) and ce16 == pytest.approx(ce32, rel=1e-3), got
+
+
+def test_fp16_on_a_cpu_says_once_that_it_is_slow(tiny_npz, tmp_path, capsys):
+    """--amp fp16 works on a CPU but is ~15x slower there: one line at the start says so; bf16 says nothing."""
+    for amp in ("fp16", "bf16"):
+        run_main(tiny_args(tiny_npz, tmp_path / amp, "--amp", amp, "--epochs", "1", "--train-n", "32"))
+        with open(tmp_path / amp / "log.txt") as fh:
+            slow = [line for line in fh if "slower" in line]
+        assert len(slow) == (amp == "fp16"), slow
+        assert capsys.readouterr().out.count("--amp fp16 on a CPU") == (amp == "fp16")
