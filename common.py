@@ -543,6 +543,21 @@ class eval_mode:
             p.requires_grad_(True)
 
 
+def input_grad(model, x_adv, loss_fn):
+    """d loss_fn(model(x_adv)) / d x_adv, for its sign. fp16 logits (--amp fp16): fp16's narrow range let TRADES'
+    KL gradient near x (~1e-6 per logit) underflow to 0 in the backward, and sign-PGD stood still (issue 19), so
+    each sample's logit gradient is taken in fp32 and scaled to max |.| = 1 (CE's own scale, which fp16 carries)
+    before the fp16 backward. A positive per-sample scale keeps every sign: the attacked model is in eval mode,
+    so a sample's input gradient depends on its own logits only. fp32 and bf16 (fp32's range) are untouched."""
+    z = model(x_adv)
+    if z.dtype != torch.float16:
+        return torch.autograd.grad(loss_fn(z), x_adv)[0]
+    z32 = z.detach().float().requires_grad_(True)
+    g, = torch.autograd.grad(loss_fn(z32), z32)
+    g = g / g.abs().amax(dim=1, keepdim=True).clamp_min(torch.finfo(g.dtype).tiny)
+    return torch.autograd.grad(z, x_adv, g.to(z.dtype))[0]
+
+
 def pgd(model, x, loss_fn, eps, step_size, steps, start="uniform"):
     """L-inf PGD maximising loss_fn(model(x')) over the eps-ball around x intersected with [0,1].
 
@@ -562,8 +577,7 @@ def pgd(model, x, loss_fn, eps, step_size, steps, start="uniform"):
     with torch.enable_grad():
         for _ in range(steps):
             x_adv.requires_grad_(True)
-            grad, = torch.autograd.grad(loss_fn(model(x_adv)), x_adv)
-            x_adv = x_adv.detach() + step_size * grad.sign()
+            x_adv = x_adv.detach() + step_size * input_grad(model, x_adv, loss_fn).sign()
             x_adv = torch.min(torch.max(x_adv, x - eps), x + eps).clamp(0, 1)
     return x_adv.clamp(0, 1).detach()  # as the official code: x' in [0,1] even after 0 steps (else a no-op)
 
@@ -1079,6 +1093,15 @@ def amp_context(cfg, device_type):
     return lambda: torch.autocast(device_type, dtype=dtype)
 
 
+def amp_note(cfg, device):
+    """The start line's warning, or None: fp16 autocast on a CPU works but lacks fast kernels there. A warning,
+    not a refusal: the results are right (a GPU run's fp16 numerics can be checked on a CPU), only slow."""
+    if cfg.amp == "fp16" and device.type == "cpu":
+        return ("--amp fp16 on a CPU: training is ~15x slower than --amp off (no fast fp16 kernels there; measured "
+                "2026-12-02); prefer --amp off or bf16 on a CPU")
+    return None
+
+
 def train_step(models, opts, x, y, cfg, epoch, scaler=None, probe=False):
     """One step of Algorithm 1: attack, forward, all loss terms, one backward, every optimiser.
     Returns the detached terms; a non-finite one is the caller's to notice (check_finite), so the
@@ -1379,6 +1402,8 @@ def train(cfg, run_dir, data, resume=False, log=print, on_start=None):
         f"{len(data.x_test)} test images, {data.num_classes} classes, eps {cfg.eps:.4f}, device {device}")
     if models.ddp is not None:
         log(distributed.describe(cfg))
+    if note := amp_note(cfg, device):
+        log(note)
     with StopFlag():
         for epoch in tqdm(range(progress["epoch"] + 1, cfg.epochs + 1), desc="epochs", initial=progress["epoch"],
                           total=cfg.epochs, disable=distributed.bar_disable()):
