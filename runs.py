@@ -1134,9 +1134,9 @@ ROW_NOTES = {"pgd_steps": "steps", "pgd_step_size": "step size", "cw_kappa": "CW
 
 def row_label(res, note=""):
     """The run cell: run, model, checkpoint file and epoch, and the number of test images of every column."""
+    epoch = "" if res.get("epoch") is None else f", epoch {res['epoch']}"  # a bare state_dict has no epoch
     return (res["run"] + ("" if res.get("model", "adv") == "adv" else " (M)")
-            + f" ({os.path.basename(res.get('checkpoint', '?'))}, epoch {res.get('epoch')}, n={res.get('n_test')}"
-            + note + ")")
+            + f" ({os.path.basename(res.get('checkpoint', '?'))}{epoch}, n={res.get('n_test')}" + note + ")")
 
 
 def aa_cell(res, pct):

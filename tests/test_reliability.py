@@ -562,3 +562,13 @@ def test_export_never_overwrites_without_being_asked(run_copy, tmp_path, capsys)
     run_main(["--export", str(out / "last.pt"), str(target), "--overwrite"])
     saved = torch.load(out / "last.pt", weights_only=False)["models"]["adv"]
     assert set(torch.load(target, weights_only=True)) == set(saved)
+
+
+def test_a_bare_state_dict_row_names_no_epoch(tmp_path, capsys):
+    import common
+    npz = write_npz(tmp_path / "d.npz")
+    torch.save(common.build_model("cnn_small", 4).state_dict(), tmp_path / "sd.pt")
+    run_main(["--eval", str(tmp_path / "sd.pt"), "--arch", "cnn_small", "--data-file", npz, "--metrics", "nat",
+              "--device", "cpu"])
+    row = open(tmp_path / "results.md").read().splitlines()[-1]
+    assert row.startswith("| sd.pt (sd.pt, n=32) |") and "epoch None" not in row and row.endswith("| state_dict |")
