@@ -594,7 +594,7 @@ def commit_results(folder, message, log):
     log(f"committed {folder}" if done.returncode == 0 else f"--commit: git commit of {folder} failed")
 
 
-def response_study(arms, passthrough, dry_run, log, commit=False, results_root=None):
+def response_study(arms, passthrough, dry_run, log, commit=False, results_root=None, report_only=False):
     """The response study (pre-registered; the design below was fixed before any of its runs).
 
     Question: is there a lambda at which TRAIN helps at the evidence study's CPU scale, does the lambda-5
@@ -635,6 +635,8 @@ def response_study(arms, passthrough, dry_run, log, commit=False, results_root=N
             log(f"[{status}] {arm}: {response_label(actual or st)}, seed {st['seed']}, ~{minutes} core-min -> {where}")
         log(f"remaining: ~{left} core-minutes (~{left / 120:.1f} h on 2 cores, one run per core)")
         return None
+    if report_only:
+        return response_report(rs, lam_star, log)
     log(f"response study: {len(planned)} runs in {rs.study.root}; lambda*: {lam_star or 'not chosen yet'} ({why})")
     waiting = []
     for arm, st in planned:
@@ -957,6 +959,8 @@ def main(argv=None):
                    "rerun to continue (default: 0 = no limit)")
     p.add_argument("--arms", type=runs.name_list(RESPONSE_ARMS), default=list(RESPONSE_ARMS),
                    help="response study: only these arms, e.g. lambda or confirm,capacity (default: all)")
+    p.add_argument("--report", action="store_true", help="response study: write its tables and figure from the "
+                   "finished runs, run nothing (default: off)")
     p.add_argument("--commit", action="store_true", help="response study: git-commit each finished run's "
                    "results/response/<run>/ files as it finishes (default: off)")
     p.add_argument("--extend", action="append", default=[], metavar="SCRIPT.py",
@@ -968,7 +972,7 @@ def main(argv=None):
     log = print
     stop_after(args.max_minutes)
     if args.study == "response":
-        return response_study(args.arms, passthrough, args.dry_run, log, args.commit)
+        return response_study(args.arms, passthrough, args.dry_run, log, args.commit, report_only=args.report)
     if args.study == "evidence":
         return evidence_study(args.scale, args.configs, args.seeds, passthrough, args.dry_run, log)
     if args.study == "time":

@@ -213,6 +213,8 @@ def test_study_runs_keeps_results_and_rebuilds_from_them(tiny_npz, tmp_path, mon
     assert ab.response_study(["lambda"], args, False, print, results_root=str(results)).split("## Every")[0] == \
         first.split("## Every")[0]
     assert not runs_dir.exists()  # nothing ran again
+    assert ab.response_study(["lambda"], args, False, print, results_root=str(results), report_only=True) == \
+        (results / "tables.md").read_text().rstrip("\n")
     # a committed result that disagrees with the design is refused, not reused
     cfg_path = next(p for p in results.glob("*/config.json"))
     saved = json.loads(cfg_path.read_text())
