@@ -467,6 +467,9 @@ def check_device_and_unit(settings, unit_keys):
 
 def validate_methods(cfg):
     """Combinations of a base method and its plug-ins that parse but cannot run (the records say which)."""
+    if cfg.method not in BASE_METHODS:  # a resumed run of a method that an experiment script registers
+        raise UserError(f"the method {cfg.method} is not registered here ({', '.join(BASE_METHODS)}); "
+                        "run it with the experiment script that registers it")
     if cfg.lbgat0 and not cfg.lbgat:
         raise UserError("--lbgat0 needs --lbgat (it is a variant of LBGAT)")
     if cfg.lbgat0 and BASE_METHODS[cfg.method].lbgat0 is None:

@@ -54,6 +54,8 @@ def test_the_example_method_trains_resumes_and_evaluates_from_the_command_line(t
     rows = read_rows(out)
     assert [row["epoch"] for row in rows] == list(range(1, 41)) and "loss/ce_adv_ls" in rows[-1]
     assert json.load(open(out / "config.json"))["config"]["method"] == "at_ls"
+    r = cli("--data-file", npz, "--out", str(out), "--device", "cpu", "--resume")  # exp_cifar10.py lacks at_ls
+    assert r.returncode == 2 and "the method at_ls is not registered here" in r.stderr and "Traceback" not in r.stderr
     r = cli("--eval", str(out / "last.pt"), "--metrics", "nat,pgd,tp", "--eval-steps", "2", script=SCRIPT)
     assert r.returncode == 0, r.stderr
     res = json.load(open(out / "eval.json"))
