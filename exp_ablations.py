@@ -24,6 +24,7 @@ import common
 import runs
 import distributed
 
+HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULTS = dict(dataset="cifar100", method="trades", lam="20a", arch="wrn34_10")  # M: resnet18 (LBGAT: resnet18_lbgat)
 # --quick: smoke scale, minutes on a CPU (common's --quick preset, then these); 2 epochs leave nothing to select
 # on a validation split: no split, and last.pt is evaluated
@@ -295,7 +296,7 @@ EVIDENCE_VARIANTS = ("at_train_lam20a", "at_train_lam1", "at_train_nat", "at_tra
 EVIDENCE_VARIANT_SEEDS = [1]
 EVIDENCE_PAIRS = [("at", "at_train"), ("trades", "trades_train")] + [("at", v) for v in EVIDENCE_VARIANTS]
 EVIDENCE_SEEDS = [1, 2, 3]
-SHARED_CIFAR10 = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "shared", "data", "cifar10.npz")
+SHARED_CIFAR10 = os.path.join(HERE, "..", "shared", "data", "cifar10.npz")
 EVIDENCE_SCALES = {
     "cpu": {"train": dict(dataset="cifar10", data_file=SHARED_CIFAR10, arch="cnn6", std_arch="cnn6", train_n=8000,
                           test_n=1000, epochs=8, milestones=[6, 7], steps=3, step_size=0.01, eval_steps=10, eval_n=500,
@@ -443,7 +444,6 @@ def evidence_study(scale, configs, seeds, passthrough, dry_run, log):
 
 
 # ------------------------------------------------------------------------------------- the response study
-HERE = os.path.dirname(os.path.abspath(__file__))
 RESPONSE_RESULTS = os.path.join(HERE, "results", "response")  # each finished run's small files, committed
 RESPONSE_LAMBDAS = ("0.03", "0.1", "0.3", "1")  # the grid of arm 1, fixed before any run (sum reduction)
 RESPONSE_SELECT_SEEDS = [1, 2, 3]
@@ -461,10 +461,6 @@ WIDTHS = {"cnn6": 1, "cnn6x2": 2}
 RESPONSE_MINUTES = {("at", 1, "lambda"): 11, ("at", 1, "full"): 14, ("trades", 1, "full"): 16,
                     ("at", 2, "full"): 38}
 PENDING = "lambda*"  # the settings of a run that waits for arm 1's selection
-
-
-def lam_key(lam):
-    return f"lam{lam}"
 
 
 def response_settings(method, lam, arch=None, seed=1):
@@ -695,8 +691,7 @@ def response_report(rs, lam_star, log):
         actual = rs.resolve(st, lam_star)
         d = actual and rs.saved_dir(actual)
         if d:
-            with open(os.path.join(d, "eval.json")) as fh:
-                r = json.load(fh)
+            r = runs.read_json(os.path.join(d, "eval.json"))  # an unreadable one: one line, not a traceback
             done.append((arm, actual, r, response_values(r, runs.read_metrics(d))))
     text = response_tables(done, lam_star)
     os.makedirs(rs.results_root, exist_ok=True)
