@@ -625,8 +625,10 @@ LOW_PRECISION = (torch.float16, torch.bfloat16)  # autocast outputs; losses see 
 class StepState:
     """What one training step knows; forward passes are computed once and shared by all terms.
     M (model_std) runs without gradients when it is not trained (a frozen pre-trained M).
-    gather: None, or (--ddp --tp-scope global) distributed.gather_rows, which relation_inputs applies."""
+    gather: None, or (--ddp --tp-scope global) distributed.gather_rows, which relation_inputs applies.
+    lam: this step's lambda when train_step set it (--lam share:S), else None (cfg.lam's value)."""
     gather = None
+    lam = None
 
     def __init__(self, model_adv, x, y, x_adv, model_std=None, std_trainable=True, heads=None,
                  amp=contextlib.nullcontext):
@@ -657,6 +659,13 @@ class StepState:
             with torch.set_grad_enabled(self.std_trainable and torch.is_grad_enabled()):
                 return self.model_std(self.x, return_features=True)
         return self._once("std", run)
+
+    def relation(self, cfg):
+        """The unweighted relation loss of --relation (L_TP by default), computed once per step (per its settings)."""
+        key = ("relation", cfg.relation, cfg.tp_input, cfg.tp_reduction, cfg.tp_impl, cfg.crd_temp, cfg.mca_temp)
+        if key not in self._cache:
+            self._cache[key] = RELATION_LOSSES[cfg.relation].loss(self, cfg)
+        return self._cache[key]
 
 
 def loss_at(s, cfg):
@@ -755,33 +764,79 @@ def ramp_a(t, total):
 
 @dataclass(frozen=True)
 class Lambda:
-    """lambda(t) of TRAIN, parsed once from --lam: '5' is the constant 5, '20a' is 20 * a(t).
+    """lambda(t) of TRAIN, parsed once from --lam: '5' is the constant 5, '20a' is 20 * a(t); 'share:0.15' (and
+    'share:0.15a') is no constant but a target: the gradient share S(t) that ShareLambda keeps lambda(t) at.
     `text` keeps what was typed (run names and config.json show it); equality ignores it."""
     c: float
     ramped: bool
     text: str = field(compare=False)
+    share: bool = False
 
     @classmethod
     def parse(cls, text):
         if isinstance(text, Lambda):
             return text
         s = str(text).strip()
-        ramped = s.endswith("a")
+        share = s.startswith("share:")
+        body = s[len("share:"):] if share else s
+        ramped = body.endswith("a")
         try:
-            c = float(s[:-1] if ramped else s)
+            c = float(body[:-1] if ramped else body)
         except ValueError:
-            raise ValueError(f"lambda must be a number like 5 or a number followed by 'a' like 20a, got {text!r}")
-        if not math.isfinite(c) or c < 0:
-            raise ValueError(f"lambda must be a finite non-negative number, got {text!r}")
-        return cls(c, ramped, s)
+            if share:
+                raise ValueError(f"--lam share:S needs a gradient share S > 0 like share:0.15 or share:0.15a, "
+                                 f"got {text!r}")
+            raise ValueError(f"lambda must be a number like 5, a number followed by 'a' like 20a, or share:S like "
+                             f"share:0.15, got {text!r}")
+        if not math.isfinite(c) or c < 0 or (share and c == 0):
+            raise ValueError(f"--lam share:S needs a finite gradient share S > 0, got {text!r}" if share else
+                             f"lambda must be a finite non-negative number, got {text!r}")
+        return cls(c, ramped, s, share)
 
     def at(self, epoch, total):
-        """(a(t), lambda(t)) for epoch t (1-based) of `total`."""
+        """(a(t), value(t)) for epoch t (1-based) of `total`: value = lambda(t), or with share: the target S(t)."""
         a = ramp_a(epoch, total) if self.ramped else 1.0
         return a, self.c * a
 
     def __str__(self):
         return self.text
+
+
+# Per-step decay of ShareLambda's moving average of r = ||g_TP|| / ||g_robust||. 0 (the default): lambda from this
+# step's r alone, so every step's share is exactly S. Smoothing was measured on the contract's tiny runs (tests/
+# test_share.py, 2026-12-07): decay 0.5 / 0.8 / 0.9 let the epoch's mean share stray 28% / 44% / >100% from S where r
+# jumps (an lr-0.1 loss spike, 16 steps an epoch); averaging the norms instead of r overshoots by their spread.
+SHARE_EMA = 0.0
+SHARE_LAMBDA_MAX = 1e3  # ShareLambda's ceiling: a vanishing ||dL_TP/df'|| must not send lambda to infinity
+
+
+class ShareLambda:
+    """--lam share:S: lambda(t) = S(t) / EMA(r), r = ||dL_TP/df'|| / ||dL_robust/df'|| on M''s features f', so that
+    the gradient share lambda r (gradient_probe's grad/share) is S(t) whatever the batch, the nets or the stage of
+    training; the TP gradient at f' is rescaled to S times the robust one, as audiocraft's loss Balancer and
+    GradNorm rescale losses by their gradient norms at a shared output. With SHARE_EMA = 0 the average is this
+    step's r (exact share on every step); a decay > 0 smooths lambda at the cost of the share straying where r moves
+    fast (see SHARE_EMA). Both norms are measured on every step (autograd.grad on f' only: no parameter gradients,
+    no second L_TP forward), under --ddp over the global batch (gradient_norms), so every rank uses one lambda.
+    Warm-up: the average is bias-corrected (divided by the EMA of ones, as Adam's moments are): step 1 uses its
+    own r, step k a weighted mean of the first k. The state travels in last.pt: a resumed run continues exactly."""
+
+    def __init__(self, device):
+        self.ema = torch.zeros(2, dtype=torch.float64, device=device)  # EMA of (r, 1)
+
+    def update(self, n_rob, n_tp, target):
+        """Fold this step's norms in -> lambda of this step (0-dim float64 tensor, on the device: no host sync)."""
+        tiny = torch.finfo(torch.float64).tiny
+        r = n_tp.detach().double() / n_rob.detach().double().clamp_min(tiny)
+        self.ema.mul_(SHARE_EMA).add_(torch.stack([r, torch.ones_like(r)]), alpha=1 - SHARE_EMA)
+        mean_r = self.ema[0] / self.ema[1]
+        return (target / mean_r.clamp_min(tiny)).clamp(max=SHARE_LAMBDA_MAX)
+
+    def state_dict(self):
+        return {"ema": self.ema.clone()}
+
+    def load_state_dict(self, state):
+        self.ema.copy_(state["ema"])
 
 
 def relation_feature(s, cfg):
@@ -899,26 +954,61 @@ RELATION_LOSSES = {"tp": Relation(relation_tp), "rkd": Relation(relation_rkd),
 
 def plugin_train(s, cfg, epoch):
     """TRAIN: lambda(t) * L_TP(f.detach(), f'), f' from M'(x') (--tp-input adv) or M'(x) (nat);
-    --relation swaps L_TP for another relation loss (Table VI). The term is named after it."""
-    return {cfg.relation: cfg.lam.at(epoch, cfg.epochs)[1] * RELATION_LOSSES[cfg.relation].loss(s, cfg)}
+    --relation swaps L_TP for another relation loss (Table VI). The term is named after it.
+    lambda(t): --lam's constant or ramp, or (share:S) the step's ShareLambda value that train_step put in s.lam."""
+    lam = cfg.lam.at(epoch, cfg.epochs)[1] if s.lam is None else s.lam
+    return {cfg.relation: lam * s.relation(cfg)}
 
 
-GRAD_PROBE_STEPS = 4  # the last steps of each epoch on which gradient_probe measures (metrics.jsonl "grad/...")
+GRAD_PROBE_STEPS = 4  # the last steps of each epoch on which gradient_probe measures (metrics.jsonl "grad/...");
+# a --lam share:S run measures on every step, and its grad/... are means over the whole epoch
+
+
+def gradient_norms(s, robust, cfg):
+    """(||dL_robust/df'||, ||dL_TP/df'||, their dot product) on M''s features f' (relation_feature), L_TP
+    unweighted; under --ddp over the global batch (distributed.norms_over_ranks). Detached 0-dim tensors."""
+    f = relation_feature(s, cfg)
+    g_rob, g_tp = (torch.autograd.grad(loss, f, retain_graph=True, allow_unused=True)[0]
+                   for loss in (robust, s.relation(cfg)))
+    g_rob, g_tp = ((torch.zeros_like(f) if g is None else g.detach()).flatten() for g in (g_rob, g_tp))
+    return distributed.norms_over_ranks(g_rob.norm(), g_tp.norm(), g_rob @ g_tp)
+
+
+def probe_values(n_rob, n_tp, dot, lam):
+    """metrics.jsonl's grad/...: both norms, share = lambda ||dL_TP/df'|| / ||dL_robust/df'||, and the cosine."""
+    tiny = torch.finfo(n_rob.dtype).tiny
+    return {"grad/robust_norm": n_rob, "grad/tp_norm": n_tp, "grad/share": lam * n_tp / n_rob.clamp_min(tiny),
+            "grad/cos": dot / (n_rob * n_tp).clamp_min(tiny)}
 
 
 def gradient_probe(s, robust, cfg, epoch):
-    """How hard the relation term pulls on M''s features f' (relation_feature) against the base method's
-    loss L_robust: the norms of dL_robust/df' and of dL_TP/df' (unweighted), share = lambda(t) ||dL_TP/df'|| /
-    ||dL_robust/df'||, and the cosine of the two gradients. Detached 0-dim tensors (no host sync)."""
-    f = relation_feature(s, cfg)
-    raw = RELATION_LOSSES[cfg.relation].loss(s, cfg)
-    g_rob, g_tp = (torch.autograd.grad(loss, f, retain_graph=True, allow_unused=True)[0] for loss in (robust, raw))
-    g_rob, g_tp = ((torch.zeros_like(f) if g is None else g.detach()).flatten() for g in (g_rob, g_tp))
-    n_rob, n_tp = g_rob.norm(), g_tp.norm()
-    tiny = torch.finfo(f.dtype).tiny
-    return {"grad/robust_norm": n_rob, "grad/tp_norm": n_tp,
-            "grad/share": cfg.lam.at(epoch, cfg.epochs)[1] * n_tp / n_rob.clamp_min(tiny),
-            "grad/cos": (g_rob @ g_tp) / (n_rob * n_tp).clamp_min(tiny)}
+    """How hard the relation term pulls on M''s features f' against the base method's loss L_robust, at the
+    constant (or ramped) lambda(t) of --lam (probe_values). Detached 0-dim tensors (no host sync)."""
+    return probe_values(*gradient_norms(s, robust, cfg), cfg.lam.at(epoch, cfg.epochs)[1])
+
+
+SHARE_WINDOW = ("results/response.md: shares of ~0.03-0.2 helped or were level, 0.7 hurt, 2.5-3 cost 8-10 points "
+                "natural; --lam share:S keeps the share at S (README: Choosing lambda)")
+
+
+def share_warning(cfg, row):
+    """The warning of a constant (or ramped) lambda whose epoch-mean gradient share exceeds 1 (L_TP pulls on f'
+    harder than the robust loss), else None."""
+    share = row.get("grad/share")
+    if not cfg.train or cfg.lam.share or share is None or not share > 1:
+        return None
+    return (f"--lam {cfg.lam}: the topology term pulls harder than the robust loss (gradient share {share:.2f} "
+            f"in epoch {row['epoch']}, metrics.jsonl grad/share); {SHARE_WINDOW}")
+
+
+def share_lambda_step(share, s, robust, cfg, epoch, probe):
+    """--lam share:S, every step: measure both norms, fold them into `share` (ShareLambda), set s.lam (in the
+    relation loss's dtype) -> the measurements: "lambda/step" (summed for the epoch's mean) and, when probing,
+    grad/... at the lambda actually used."""
+    n_rob, n_tp, dot = gradient_norms(s, robust, cfg)
+    lam = share.update(n_rob, n_tp, cfg.lam.at(epoch, cfg.epochs)[1])
+    s.lam = lam.to(s.relation(cfg).dtype)
+    return {"lambda/step": lam, **(probe_values(n_rob, n_tp, dot, s.lam) if probe else {})}
 
 
 # -------------------------------------------------------------------------------------
@@ -1035,13 +1125,15 @@ class Models:
     """The networks of one run. adv = M'; std = M (when a term uses it); heads = a relation loss's
     trainable heads; awp = the AWP plug-in (its proxy copy of M' is never saved). std_frozen: M is a
     fixed pre-trained model (TRAIN* of Table X): no optimiser, eval mode, no gradient. ddp: under --ddp,
-    {name: DistributedDataParallel} of the trained models, for train_step's loss forwards (distributed.wrap)."""
+    {name: DistributedDataParallel} of the trained models, for train_step's loss forwards (distributed.wrap).
+    share: --lam share:S's ShareLambda (its state is saved in checkpoints beside the models), else None."""
     adv: nn.Module
     std: nn.Module = None
     heads: nn.Module = None
     awp: AWP = None
     std_frozen: bool = False
     ddp: dict = None
+    share: ShareLambda = None
 
     def saved(self):
         """{name: module} of what a checkpoint holds (the names checkpoints store them under)."""
@@ -1065,7 +1157,8 @@ def build_models(cfg, num_classes, device):
         dim_std = (std or adv).feature_dim
         heads = relation.heads(dim_std, adv.feature_dim).to(device)
     awp = AWP(build_model(cfg.arch, num_classes).to(device), cfg) if cfg.awp else None
-    return Models(adv, std, heads, awp, std_frozen=std is not None and cfg.freeze_std)
+    share = ShareLambda(device) if cfg.train and cfg.lam.share else None
+    return Models(adv, std, heads, awp, std_frozen=std is not None and cfg.freeze_std, share=share)
 
 
 def lr_at(cfg, epoch):
@@ -1106,7 +1199,8 @@ def train_step(models, opts, x, y, cfg, epoch, scaler=None, probe=False):
     """One step of Algorithm 1: attack, forward, all loss terms, one backward, every optimiser.
     Returns the detached terms; a non-finite one is the caller's to notice (check_finite), so the
     step never waits for the device. scaler: fp16's GradScaler, else None. probe: also return
-    gradient_probe's "grad/..." values (not loss terms) before the update."""
+    gradient_probe's "grad/..." values (not loss terms) before the update; with --lam share:S also the
+    step's lambda ("lambda/step")."""
     method = method_of(cfg)
     amp = amp_context(cfg, x.device.type)
     with amp():
@@ -1118,7 +1212,10 @@ def train_step(models, opts, x, y, cfg, epoch, scaler=None, probe=False):
                   std_trainable=not models.std_frozen, heads=models.heads, amp=amp)
     s.gather = distributed.relation_gather(cfg)
     terms = method.loss(s, cfg)
-    measured = gradient_probe(s, sum(terms.values()), cfg, epoch) if probe else {}
+    if models.share is not None:  # lambda of this step from this step's gradient norms (every step)
+        measured = share_lambda_step(models.share, s, sum(terms.values()), cfg, epoch, probe)
+    else:
+        measured = gradient_probe(s, sum(terms.values()), cfg, epoch) if probe else {}
     for name in active_plugins(cfg):
         terms.update(PLUGINS[name](s, cfg, epoch))
     if "std" in models.trained():
@@ -1247,6 +1344,8 @@ def save_checkpoint(path, models, opts, progress, cfg, scaler=None):
              "progress": progress, "rng": rng_states(), "config": cfg.to_dict(), "world_size": distributed.world_size()}
     if scaler is not None:
         state["scaler"] = scaler.state_dict()
+    if models.share is not None:
+        state["share"] = models.share.state_dict()
     save_atomic(path, lambda tmp: torch_save_file(state, tmp))
 
 
@@ -1380,6 +1479,8 @@ def train(cfg, run_dir, data, resume=False, log=print, on_start=None):
             o.load_state_dict(ck["optimizers"][k])
         if scaler is not None and ck.get("scaler"):
             scaler.load_state_dict(ck["scaler"])
+        if models.share is not None:
+            models.share.load_state_dict(ck["share"])
         progress = ck["progress"]
         set_rng_states(ck["rng"])
         if cfg.train and cfg.tp_scope == "local" and ck.get("world_size", 1) != distributed.world_size():
@@ -1426,7 +1527,7 @@ def train(cfg, run_dir, data, resume=False, log=print, on_start=None):
                     x = augment(data.x_train[idx], offsets[idx], flips[idx])
                     if cfg.channels_last:
                         x = x.contiguous(memory_format=torch.channels_last)
-                    probe = cfg.train and models.ddp is None and b >= n_batches - GRAD_PROBE_STEPS
+                    probe = cfg.train and (models.share is not None or b >= n_batches - GRAD_PROBE_STEPS)
                     terms = train_step(models, opts, x, data.y_train[idx], cfg, epoch, scaler, probe)
                     distributed.sync_buffers(models, cfg)
                     for k, v in terms.items():
@@ -1442,19 +1543,25 @@ def train(cfg, run_dir, data, resume=False, log=print, on_start=None):
                 sums = check_finite(sums, epoch)
             a, lam = cfg.lam.at(epoch, cfg.epochs)
             row = {"epoch": epoch, "lr": lr, "a": a, "lambda": lam if cfg.train else 0.0}
-            row.update({f"loss/{k}": v.item() / n_batches for k, v in sums.items() if not k.startswith("grad/")})
+            if "lambda/step" in sums:  # --lam share:S: lambda is the epoch's mean, lam the target share S(t)
+                row.update({"lambda": sums["lambda/step"].item() / n_batches, "share_target": lam})
+            row.update({f"loss/{k}": v.item() / n_batches for k, v in sums.items() if "/" not in k})
             row["loss/total"] = sum(v for k, v in row.items() if k.startswith("loss/"))
-            # the mean over the probed steps (the last GRAD_PROBE_STEPS of the epoch)
-            probed = min(GRAD_PROBE_STEPS, n_batches)
+            # the mean over the probed steps: the last GRAD_PROBE_STEPS of the epoch, or every step of a share run
+            # (which measures the norms on every step anyway)
+            probed = n_batches if models.share is not None else min(GRAD_PROBE_STEPS, n_batches)
             row.update({k: v.item() / probed for k, v in sums.items() if k.startswith("grad/")})
             row.update(epoch_eval(models, data, cfg, epoch))
             row.update(val_eval(models, data, cfg, epoch))
             row["seconds"] = time.time() - t0
             metric = row[selection_metric(cfg)]
             is_best = metric > progress["best"]
+            warned = progress.get("warned")  # share_warning's text, said once per run (checkpoints carry it)
+            new_warning = None if warned else share_warning(cfg, row)
             # the epoch's row travels in last.pt: a process that dies before appending it to metrics.jsonl
             # loses nothing (runs.sync_metrics puts it there on --resume)
-            progress = {"epoch": epoch, "step": 0, "sums": {}, "best": max(metric, progress["best"]), "row": row}
+            progress = {"epoch": epoch, "step": 0, "sums": {}, "best": max(metric, progress["best"]), "row": row,
+                        "warned": warned or new_warning}
             if is_best:  # says what it was picked on (eval.json and --table report it); before last.pt, whose
                 # "best" would otherwise claim a best.pt that a failed write never made
                 save(best, {**progress, "selected_on": "val" if cfg.val_n else "test"})
@@ -1463,9 +1570,13 @@ def train(cfg, run_dir, data, resume=False, log=print, on_start=None):
                 with open(os.path.join(run_dir, "metrics.jsonl"), "a") as fh:
                     fh.write(json.dumps(row) + "\n")
             log(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
+            if new_warning:
+                log(f"warning: {new_warning}")
             if distributed.any_rank(StopFlag.requested) and epoch < cfg.epochs:
                 raise Interrupted(f"interrupted after epoch {epoch}: {last} saved; continue with --resume",
                                   StopFlag.exit_code())
+    if progress.get("warned"):
+        log(f"summary: {progress['warned']}")
     return models
 
 

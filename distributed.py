@@ -209,6 +209,18 @@ def mean_over_ranks(sums):
     return dict(zip(keys, (v / world_size()).unbind()))
 
 
+def norms_over_ranks(n_a, n_b, dot):
+    """Two gradient norms and their dot product over the global batch from each rank's part (sums of squares and
+    of dot products, one all-reduce): every rank gets the same numbers (--lam share:S: one lambda on every rank).
+    Each rank's gradients on its rows are G times the single-process ones for L_TP and the per-sample means
+    alike, so ratios and cosines equal the single-process run's. The identity without --ddp."""
+    if not active() or world_size() == 1:
+        return n_a, n_b, dot
+    v = torch.stack([n_a * n_a, n_b * n_b, dot])
+    dist.all_reduce(v)
+    return v[0].sqrt(), v[1].sqrt(), v[2]
+
+
 def any_rank(flag):
     """True on every rank when flag is True on any (a Ctrl-C / SIGTERM reached one of them): the ranks stop
     at the same step. A host-side all-reduce on the gloo group: no wait for the GPU."""

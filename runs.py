@@ -142,7 +142,9 @@ class Config:
     lbgat0: bool = setting(False, "with --method at --lbgat: LBGAT's released LBGAT0 (lbgat.py with beta 0: TRADES' KL "
                            "attack, no CE on M') instead of the paper's Eq. 15")
     lam: Lambda = setting(
-        Lambda.parse("5"), "lambda: a number (5) or <c>a (20a) = c * a(t), a(t) = 2/(1+exp(-10t/T)) - 1", type=lam_arg
+        Lambda.parse("5"), "lambda: a number (5) or <c>a (20a) = c * a(t), a(t) = 2/(1+exp(-10t/T)) - 1; or share:S "
+        "(share:Sa): lambda(t) adapts so that the gradient share lambda ||dL_TP/df'|| / ||dL_robust/df'|| stays at S "
+        "(S a(t)), the same in every batch size and setting (README: Choosing lambda)", type=lam_arg
     )
     relation: str = setting("tp", "relation loss used by --train (tp = L_TP)", choices=lambda: sorted(RELATION_LOSSES))
     tp_input: str = setting(
@@ -478,6 +480,9 @@ def validate_methods(cfg):
     if cfg.ddp and cfg.train and not RELATION_LOSSES[cfg.relation].ddp:
         ok = ", ".join(k for k, r in RELATION_LOSSES.items() if r.ddp)
         raise UserError(f"--relation {cfg.relation} is not built for --ddp (only {ok} gather the global batch)")
+    if cfg.train and cfg.lam.share and cfg.lbgat0:
+        raise UserError("--lam share:S measures L_TP's pull against M''s own loss, and --lbgat0 has none besides "
+                        "LBGAT's guidance; give a constant --lam")
     if cfg.lbgat0 and cfg.awp:
         raise UserError("--awp needs a loss of M' to ascend; --lbgat0 has none besides LBGAT's guidance")
 
@@ -486,7 +491,7 @@ def name_part(name, v):
     if isinstance(v, bool):
         return name.replace("_", "-") if v else f"no-{name.replace('_', '-')}"
     text = ",".join(map(str, v)) if isinstance(v, list) else f"{v:g}" if isinstance(v, float) else str(v)
-    return f"{name.replace('_', '-')}-{text.replace('/', '-')}"
+    return f"{name.replace('_', '-')}-{text.replace('/', '-').replace(':', '')}"  # share:0.15 -> lam-share0.15
 
 
 def run_name(cfg, base, prefix=""):

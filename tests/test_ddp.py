@@ -4,6 +4,7 @@ Each spawn costs seconds (two fresh interpreters import torch), so one spawn run
 check (steps_2x, the step and L_TP gradient checks) and one runs the three CLI runs of the resume test."""
 import faulthandler
 import json
+import dataclasses
 import os
 import random
 import shutil
@@ -101,7 +102,8 @@ def step_cfg(method, **kw):
     return cfg
 
 
-STEP_CASES = {"at+train": step_cfg("at"), "trades+train": step_cfg("trades")}
+STEP_CASES = {"at+train": step_cfg("at"), "trades+train": step_cfg("trades"),
+              "trades+share": step_cfg("trades", lam=common.Lambda.parse("share:0.5"))}  # norms over the global batch
 
 
 def batches():
@@ -176,7 +178,7 @@ def single(monkeypatch):
 
 @pytest.mark.parametrize("case", list(STEP_CASES))
 def test_two_ranks_of_64_take_the_step_of_one_process_of_128(case, two_ranks, single):
-    want = two_steps(step_cfg(STEP_CASES[case].method, ddp=False))
+    want = two_steps(dataclasses.replace(STEP_CASES[case], ddp=False))
     for r in (0, 1):
         got = two_ranks[r]["steps"][case]
         assert set(got) == set(want) == {"adv", "std"}
