@@ -280,6 +280,12 @@ class Actions:
 
 
 class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors and no abbreviations: a prefix of a flag (--steps for a study's --steps-only,
+    --step for --step-size) is never silently taken for another flag; every flag is given in full."""
+
+    def __init__(self, *args, **kw):
+        super().__init__(*args, allow_abbrev=False, **kw)
+
     def error(self, message):  # one line, exit 2
         sys.stderr.write(f"{self.prog}: error: {message}\n")
         sys.exit(2)
@@ -523,6 +529,29 @@ def name_base(defaults, cfg):
 #    (remove_stale_temps, sync_metrics), files written only once training starts (start_run_dir).
 # =====================================================================================
 RUN_FILES = ("config.json", "metrics.jsonl", "log.txt", "last.pt", "best.pt", "eval.json", "results.md")
+REPO = os.path.dirname(os.path.abspath(__file__))  # the repository (or worktree) this code runs from
+PATH_SETTINGS = ("data_file", "data_dir")  # PLACE settings that name files: config.json records them portably
+
+
+def recorded_path(path):
+    """A path as config.json and eval.json record it: relative to the repository where it lies inside it or beside
+    it (../shared/data/... of this workplace), so committed results name no machine's or worktree's folders;
+    absolute elsewhere (a data set at /data/... is that machine's own). '' stays ''."""
+    if not path:
+        return path
+    full = os.path.abspath(path)
+    rel = os.path.relpath(full, REPO)
+    return full if rel.startswith(os.path.join(os.pardir, os.pardir)) else rel
+
+
+def resolved_path(path):
+    """A recorded path back to one that opens from any working directory (relative = to the repository)."""
+    return path if not path or os.path.isabs(path) else os.path.normpath(os.path.join(REPO, path))
+
+
+def recorded_config(cfg):
+    """cfg.to_dict() with its paths recorded (recorded_path): config.json's "config"."""
+    return {**cfg.to_dict(), **{k: recorded_path(getattr(cfg, k)) for k in PATH_SETTINGS}}
 
 
 def versions():
@@ -537,10 +566,9 @@ def versions():
 
 def git_commit():
     try:
-        here = os.path.dirname(os.path.abspath(__file__))
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True).stdout.strip()
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
         dirty = subprocess.run(
-            ["git", "status", "--porcelain"], cwd=here, capture_output=True, text=True
+            ["git", "status", "--porcelain"], cwd=REPO, capture_output=True, text=True
         ).stdout.strip()
         return (sha + ("+dirty" if dirty else "")) or None
     except OSError:
@@ -613,7 +641,10 @@ def load_run_config(run_dir):
     path = os.path.join(run_dir, "config.json")
     try:
         with open(path) as fh:
-            return Config.from_saved(json.load(fh)["config"])
+            cfg = Config.from_saved(json.load(fh)["config"])
+        for k in PATH_SETTINGS:  # recorded relative to the repository (recorded_path)
+            setattr(cfg, k, resolved_path(getattr(cfg, k)))
+        return cfg
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise UserError(f"could not read the run settings {path}: {type(e).__name__}: {e}")
 
@@ -812,7 +843,7 @@ def start_run_dir(run_dir, cfg, resume, command, log):
         init_run_dir(run_dir, keep=("log.txt",) if earlier else ())
         # atomic: a full disk leaves no torn config.json, so the folder stays a failed start the command restarts
         write_atomic(os.path.join(run_dir, "config.json"), json.dumps(
-            {"config": cfg.to_dict(), "versions": versions(), "git_commit": git_commit(), "command": command,
+            {"config": recorded_config(cfg), "versions": versions(), "git_commit": git_commit(), "command": command,
              "started": time.strftime("%Y-%m-%d %H:%M:%S")}, indent=2))
     log(f"run folder: {run_dir}")
     if earlier:
@@ -988,7 +1019,7 @@ def evaluate(ckpt_path, ecfg, out_dir=None, log=print):
     if ecfg.eval_model == "std" and models.std is None:
         raise UserError(f"--eval-model std: this checkpoint holds no standard model ({', '.join(models.saved())})")
     eps = run_cfg.eps if ecfg.eps is None else ecfg.eps
-    res = {"checkpoint": os.path.abspath(ckpt_path), **checkpoint_facts(ck, ckpt_path),
+    res = {"checkpoint": recorded_path(ckpt_path), **checkpoint_facts(ck, ckpt_path),
            "model": ecfg.eval_model, "arch": run_cfg.arch if ecfg.eval_model == "adv" else std_arch_of(run_cfg),
            "eps": eps, "eps_255": eps * 255, "n_test": len(data.x_test),
            "pgd_steps": ecfg.eval_steps, "pgd_step_size": ecfg.eval_step_size, "cw_kappa": ecfg.cw_kappa}

@@ -220,3 +220,39 @@ def test_quick_replaces_the_papers_settings_not_a_scripts_own_choice(capsys):
     assert "(default: cnn6)" in help_of(copied) and "(default: 3)" in help_of(copied)
     assert "use the first N >= 1 training images (default: all; --quick: 3072)" in help_of(paper)
     assert "(default: 1000; --quick: 500)" in help_of(paper) and "(default: off; --fast: bf16)" in help_of(paper)
+
+
+# ------------------------------------------------------------------------------ paths that results record
+def test_results_record_paths_relative_to_the_repository(tmp_path, monkeypatch):
+    inside = os.path.join(runs.REPO, "runs", "x", "last.pt")
+    beside = os.path.join(os.path.dirname(runs.REPO), "shared", "data", "cifar10.npz")
+    assert runs.recorded_path(inside) == os.path.join("runs", "x", "last.pt")
+    assert runs.recorded_path(beside) == os.path.join("..", "shared", "data", "cifar10.npz")
+    far = "/" + os.path.join("opt", "elsewhere", "d.npz")
+    assert runs.recorded_path(far) == far  # another machine's own folder stays as it is
+    monkeypatch.chdir(tmp_path)  # relative paths of results resolve against the repository, not the cwd
+    for p in (inside, beside, far):
+        assert runs.resolved_path(runs.recorded_path(p)) == os.path.normpath(p)
+
+
+def test_a_run_inside_the_repository_records_no_absolute_path(tiny_npz, tmp_path):
+    """config.json's data_file and eval.json's checkpoint named the developer's folders; now relative."""
+    data = os.path.join(runs.REPO, "runs", f"_test_{os.getpid()}_data.npz")
+    out = os.path.join(runs.REPO, "runs", f"_test_{os.getpid()}_run")
+    os.makedirs(os.path.dirname(data), exist_ok=True)
+    import shutil
+    shutil.copyfile(tiny_npz, data)
+    try:
+        run_main(tiny_args(data, out, "--method", "at", "--epochs", "1"))
+        run_main(["--eval", os.path.join(out, "last.pt"), "--metrics", "nat", "--device", "cpu"])
+        texts = [json.dumps(json.load(open(os.path.join(out, "config.json")))["config"]),
+                 open(os.path.join(out, "eval.json")).read()]  # config.json's "command" is what was typed
+        for t in texts:
+            assert runs.REPO not in t and "/tmp" not in t
+        assert json.loads(texts[0])["data_file"] == os.path.relpath(data, runs.REPO)
+        assert json.loads(texts[1])["checkpoint"] == os.path.relpath(os.path.join(out, "last.pt"), runs.REPO)
+        assert runs.load_run_config(out).data_file == data  # read back: opens from any working directory
+        run_main(tiny_args(data, out, "--method", "at", "--epochs", "1", "--resume"))  # and resumes (finished)
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+        os.remove(data)
