@@ -103,9 +103,20 @@ def study_beta_sweep(quick, dir_of):
 STUDIES = {"relation": study_relation, "batch-size": study_batch_size, "lambda": study_lambda,
            "std-backbone": study_std_backbone, "pretrained-std": study_pretrained_std, "mobilenet": study_mobilenet,
            "beta-sweep": study_beta_sweep}
-TIME_CONFIGS = [("AT", "at", ()), ("AT + LBGAT", "at", ("lbgat",)), ("AT + TRAIN", "at", ("train",)),
-                ("TRADES", "trades", ()), ("TRADES + LBGAT", "trades", ("lbgat",)),
-                ("TRADES + TRAIN", "trades", ("train",))]
+SHARE = common.Lambda.parse("share:0.15")
+# The time study's configurations: (label, settings over the study's base, the label it is compared with or None).
+# methods: Table XI (each plug-in against its base method) and the share lambda against a constant one;
+# fast-paths: one configuration (--method, --train, --lam as given) under --channels-last and --compile.
+TIME_CONFIGS = {
+    "methods": [("AT", {"method": "at"}, None), ("AT + LBGAT", {"method": "at", "lbgat": True}, "AT"),
+                ("AT + TRAIN", {"method": "at", "train": True}, "AT"), ("TRADES", {"method": "trades"}, None),
+                ("TRADES + LBGAT", {"method": "trades", "lbgat": True}, "TRADES"),
+                ("TRADES + TRAIN", {"method": "trades", "train": True}, "TRADES"),
+                ("TRADES + TRAIN, share:0.15", {"method": "trades", "train": True, "lam": SHARE}, "TRADES + TRAIN")],
+    "fast-paths": [("as given", {}, None), ("channels_last", {"channels_last": True}, "as given"),
+                   ("compile", {"compile": True}, "as given"),
+                   ("channels_last + compile", {"channels_last": True, "compile": True}, "as given")],
+}
 
 
 # ------------------------------------------------------------------------------------- running a study
@@ -163,8 +174,8 @@ def check_same_settings(run_dir, cfg):
 
 
 def run_and_evaluate(study, label, settings, ecfg, dry_run, log, run_dir=None, ckpt=None):
-    """Train (or resume, or reuse) one run and evaluate it once; -> its eval.json dict, {"failed": why},
-    or None on a dry run."""
+    """Train (or resume, or reuse) one run and evaluate it once (ecfg None: not at all); -> its eval.json dict ({}
+    without ecfg), {"failed": why}, or None on a dry run."""
     cfg = study.config(settings)
     run_dir = run_dir or study.dir_of(settings)
     status = runs.run_status(run_dir)
@@ -185,6 +196,8 @@ def run_and_evaluate(study, label, settings, ecfg, dry_run, log, run_dir=None, c
         except common.Diverged as e:
             log(f"{label}: diverged ({e}); the study goes on")
             return {"failed": "diverged"}
+    if ecfg is None:  # a run that is not evaluated (a selection run on the validation split)
+        return {}
     eval_json = os.path.join(run_dir, "eval.json")
     if not os.path.isfile(eval_json):
         ckpt = ckpt or runs.checkpoint_to_evaluate(cfg)
@@ -444,7 +457,7 @@ def evidence_study(scale, configs, seeds, passthrough, dry_run, log):
 
 
 # ------------------------------------------------------------------------------------- the response study
-RESPONSE_RESULTS = os.path.join(HERE, "results", "response")  # each finished run's small files, committed
+RESULTS = os.path.join(HERE, "results")  # results/<study>/<run>/: each finished run's small files, committed
 RESPONSE_LAMBDAS = ("0.03", "0.1", "0.3", "1")  # the grid of arm 1, fixed before any run (sum reduction)
 RESPONSE_SELECT_SEEDS = [1, 2, 3]
 RESPONSE_CONFIRM_SEEDS = [4, 5, 6]
@@ -522,35 +535,94 @@ def select_lambda(scores):
     return best, f"highest mean val natural + val PGD over seeds {RESPONSE_SELECT_SEEDS}: {100 * mean[best]:.2f}"
 
 
-class ResponseStudy:
-    """Where the response study's runs live, and what is known of each: committed results under
-    results/response/ (survive a new machine), else the run folder under runs/."""
+class Preregistered:
+    """The one harness of the pre-registered studies (response, transfer): where each run lives and what is
+    known of it. A finished, evaluated run's config.json, metrics.jsonl and eval.json are kept (committed) under
+    results/<study>/<run>/, so its numbers survive a new machine and the tables are rebuilt from them; the run
+    folder with its checkpoints is runs/<study>_cpu/<run>/. A study's design (its runs, placeholders such as
+    lambda* that a selection rule fills in, its evaluation) is its own; running, keeping, committing, --dry-run
+    and --report go through here."""
 
-    def __init__(self, passthrough, results_root=None):
-        self.study = Study(passthrough, defaults={**DEFAULTS, **RESPONSE_TRAIN}, root_name="response_cpu")
-        self.results_root = (results_root or RESPONSE_RESULTS) + self.study.suffix()
-
-    def resolve(self, settings, lam_star):
-        return settings if settings["lam"] != PENDING else (
-            None if lam_star is None else {**settings, "lam": common.Lambda.parse(lam_star)})
+    def __init__(self, name, passthrough, train, results_root=None):
+        self.study = Study(passthrough, defaults={**DEFAULTS, **train}, root_name=f"{name}_cpu")
+        self.results_root = (results_root or os.path.join(RESULTS, name)) + self.study.suffix()
 
     def name(self, settings):
         return os.path.basename(self.study.dir_of(settings))
 
-    def saved_dir(self, settings):
-        """The committed copy of a finished run, if it holds exactly these settings (else None)."""
+    def saved_dir(self, settings, evaluated=True):
+        """The committed copy of a finished run, if it holds exactly these settings (else None); evaluated=False: a
+        run that is never evaluated on the test set (a selection run on the validation split), kept without
+        eval.json."""
         d = os.path.join(self.results_root, self.name(settings))
-        if not os.path.isfile(os.path.join(d, "eval.json")):
+        if not os.path.isfile(os.path.join(d, "eval.json" if evaluated else "metrics.jsonl")):
             return None
         check_same_settings(d, self.study.config(settings))
         return d
 
-    def status(self, settings):
+    def status(self, settings, evaluated=True):
         if settings is None:
             return "waits"
-        if self.saved_dir(settings):
+        if self.saved_dir(settings, evaluated):
             return "done"
         return runs.run_status(self.study.dir_of(settings))
+
+    def keep(self, settings):
+        """Copy a finished, evaluated run's small files into results/<study>/<name>/ -> that folder."""
+        src, dst = self.study.dir_of(settings), os.path.join(self.results_root, self.name(settings))
+        os.makedirs(dst, exist_ok=True)
+        for f in ("config.json", "eval.json", "metrics.jsonl"):  # metrics.jsonl last: it marks an unevaluated run kept
+            if os.path.isfile(os.path.join(src, f)):
+                shutil.copyfile(os.path.join(src, f), os.path.join(dst, f))
+        return dst
+
+    def run_one(self, label, settings, ecfgs, commit, log, message):
+        """Train (or resume) one run, evaluate last.pt with each EvalConfig of ecfgs (rows of its eval.json; none: a
+        run never evaluated on the test set), keep its small files and (--commit) commit them -> False when it
+        diverged or another process holds it."""
+        try:
+            r = run_and_evaluate(self.study, label, settings, ecfgs[0] if ecfgs else None, False, log, ckpt="last.pt")
+        except common.FolderInUse:
+            log(f"{label}: another process is running it; skipped")
+            return False
+        if "failed" in r:
+            return False
+        run_dir = self.study.dir_of(settings)
+        for ecfg in ecfgs[1:]:  # further rows (e.g. other test_n): evaluated once, as the first
+            have = {r.get("n_test") for r, _ in runs.eval_rows(runs.read_json(os.path.join(run_dir, "eval.json")))}
+            if ecfg.test_n not in have:
+                runs.evaluate_run(os.path.join(run_dir, "last.pt"), ecfg, run_dir)
+        kept = self.keep(settings)
+        if commit:
+            commit_results(kept, f"{message} ({os.path.basename(kept)})", log)
+        return True
+
+    def finished(self, settings):
+        """(eval.json dict, metrics.jsonl rows) of a kept run, else None."""
+        d = settings and self.saved_dir(settings)
+        return d and (runs.read_json(os.path.join(d, "eval.json")), runs.read_metrics(d))
+
+    def write_report(self, text, figures, log):
+        """tables.md (and the figures: {file name: draw(path)}) into results/<study>/."""
+        os.makedirs(self.results_root, exist_ok=True)
+        with open(os.path.join(self.results_root, "tables.md"), "w") as fh:
+            fh.write(text + "\n")
+        drawn = [draw(os.path.join(self.results_root, name)) for name, draw in figures.items()]
+        log(text)
+        log(f"tables: {os.path.join(self.results_root, 'tables.md')}; figure: "
+            f"{', '.join(p for p in drawn if p) or 'none (no finished run)'}")
+        return text
+
+
+class ResponseStudy(Preregistered):
+    """The response study's runs; lambda* (a placeholder until arm 1 is done) from its committed results."""
+
+    def __init__(self, passthrough, results_root=None):
+        super().__init__("response", passthrough, RESPONSE_TRAIN, results_root)
+
+    def resolve(self, settings, lam_star):
+        return settings if settings["lam"] != PENDING else (
+            None if lam_star is None else {**settings, "lam": common.Lambda.parse(lam_star)})
 
     def scores(self):
         """{lambda text: {seed: val_score}} of arm 1's finished runs."""
@@ -560,14 +632,6 @@ class ResponseStudy:
             if d:
                 out.setdefault(str(st["lam"]), {})[st["seed"]] = val_score(runs.read_metrics(d))
         return out
-
-    def keep(self, settings):
-        """Copy a finished, evaluated run's small files into results/response/<name>/ -> that folder."""
-        src, dst = self.study.dir_of(settings), os.path.join(self.results_root, self.name(settings))
-        os.makedirs(dst, exist_ok=True)
-        for f in ("config.json", "metrics.jsonl", "eval.json"):
-            shutil.copyfile(os.path.join(src, f), os.path.join(dst, f))
-        return dst
 
 
 def minutes_of(arm, settings):
@@ -583,7 +647,7 @@ def commit_results(folder, message, log):
     if not git_dir:
         log(f"--commit: {folder} is not in a git repository; not committed")
         return
-    with open(os.path.join(git_dir, "response-commit.lock"), "w") as lock:
+    with open(os.path.join(git_dir, "study-commit.lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         subprocess.run(["git", "add", "--", folder], cwd=folder, check=True)
         done = subprocess.run(["git", "commit", "-q", "-m", message, "--", folder], cwd=folder)
@@ -644,16 +708,8 @@ def response_study(arms, passthrough, dry_run, log, commit=False, results_root=N
         if rs.status(actual) == "done":
             continue
         ecfg = rs.study.eval_config(RESPONSE_METRICS[arm], RESPONSE_EVAL)
-        try:
-            r = run_and_evaluate(rs.study, label, actual, ecfg, False, log, ckpt="last.pt")
-        except common.FolderInUse:
-            log(f"{label}: another process is running it; skipped")
+        if not rs.run_one(label, actual, [ecfg], commit, log, f"response study: {label}"):
             continue
-        if "failed" in r:
-            continue
-        kept = rs.keep(actual)
-        if commit:
-            commit_results(kept, f"response study: {label} ({os.path.basename(kept)})", log)
         if arm == "lambda" and lam_star is None:  # the last run of arm 1 fixes lambda* for the runs after it
             lam_star, why = select_lambda(rs.scores())
             if lam_star:
@@ -689,18 +745,11 @@ def response_report(rs, lam_star, log):
     done = []  # (arm, settings, eval.json dict, response_values)
     for arm, st in response_runs():
         actual = rs.resolve(st, lam_star)
-        d = actual and rs.saved_dir(actual)
-        if d:
-            r = runs.read_json(os.path.join(d, "eval.json"))  # an unreadable one: one line, not a traceback
-            done.append((arm, actual, r, response_values(r, runs.read_metrics(d))))
-    text = response_tables(done, lam_star)
-    os.makedirs(rs.results_root, exist_ok=True)
-    with open(os.path.join(rs.results_root, "tables.md"), "w") as fh:
-        fh.write(text + "\n")
-    png = done and plot_response(done, os.path.join(rs.results_root, "response.png"))
-    log(text)
-    log(f"tables: {os.path.join(rs.results_root, 'tables.md')}; figure: {png or 'none (no finished run)'}")
-    return text
+        got = rs.finished(actual)  # an unreadable eval.json: one line, not a traceback
+        if got:
+            done.append((arm, actual, got[0], response_values(*got)))
+    figures = {"response.png": lambda path: plot_response(done, path)} if done else {}
+    return rs.write_report(response_tables(done, lam_star), figures, log)
 
 
 def selection_table(done, lam_star):
@@ -839,8 +888,388 @@ def plot_response(done, path):
     return path
 
 
+# ------------------------------------------------------------------------------------- the transfer study
+# the first 25,000 images (the last 1,000: validation), all 10,000 test images; channels_last: 1.29x faster per step
+# for this study's step on the CPU (README: Choosing lambda), recorded in config.json (a PLACE setting)
+TRANSFER_TRAIN = {**RESPONSE_TRAIN, "train_n": 25000, "test_n": 0, "channels_last": True}
+TRANSFER_EVAL = [{"metrics": ["nat", "pgd", "tp", "nbr"]},  # all 10,000 test images
+                 {"metrics": ["nat", "cw", "aa", "knn"], "test_n": 1000}]  # the first 1,000 (a second eval.json row)
+TRANSFER_S = "share:0.15"  # S*, fixed from results/response.md (TRADES + TRAIN(0.1): mean share 0.16 / 0.14 / 0.16)
+TRANSFER_SEEDS = [7, 8, 9]
+TRANSFER_SCALED_SEEDS = [7, 8]
+TRANSFER_LRS = (0.1, 0.2, 0.4)  # arm B's lr grid: unchanged, sqrt-scaled (x2), linear-scaled (x4, Goyal et al.)
+TRANSFER_LR_SEED = 1
+TRANSFER_BIG = 512
+TRANSFER_ARMS = ("lr", "scale", "batch")
+# Core-minutes of one run (one thread): training + evaluation by batch size (lr runs: no test evaluation). First
+# estimates from the time study of this step (2026-12-07, Intel Xeon with AVX-512, one thread, channels_last: 0.56 s
+# a step at batch 128, 2.40 s at 512: ~105-115 s an epoch of 24,000 images) plus ~10 s of monitoring an epoch and
+# ~7 min of evaluation; the first runs' own times replace them (results/transfer.md).
+TRANSFER_MINUTES = {(128, "full"): 25, (512, "full"): 25, (512, "val"): 17}
+
+
+def transfer_settings(lam, seed, batch=128, beta=6.0, lr=None):
+    """A run of the transfer study: TRADES (beta 6 unless the trade-off control's 3) with M trained alongside."""
+    st = {"method": "trades", "train": True, "lam": lam if lam == PENDING else common.Lambda.parse(lam),
+          "seed": seed, "batch_size": batch, "beta": beta}
+    if lr is not None:
+        st["lr"] = lr
+    return st
+
+
+def transfer_runs(arms=TRANSFER_ARMS):
+    """[(arm, settings)] of the pre-registered design in the order the runs are made (arm B's lr first: it fixes
+    lr* before any TRAIN run of arm B; then seed by seed, so an unfinished study has whole seeds)."""
+    out = []
+    if "lr" in arms:
+        out += [("lr", transfer_settings("0", TRANSFER_LR_SEED, TRANSFER_BIG, lr=lr)) for lr in TRANSFER_LRS]
+    for seed in TRANSFER_SEEDS:
+        if "scale" in arms:
+            out += [("scale", transfer_settings(lam, seed)) for lam in ("0", "0.1", TRANSFER_S)]
+            out.append(("scale", transfer_settings("0", seed, beta=3.0)))
+        if "batch" in arms:
+            out += [("batch", transfer_settings(lam, seed, TRANSFER_BIG, lr=PENDING))
+                    for lam in ("0", "0.1", TRANSFER_S)]
+    if "batch" in arms:
+        out += [("batch", transfer_settings("0.025", seed, TRANSFER_BIG, lr=PENDING)) for seed in TRANSFER_SCALED_SEEDS]
+    return out
+
+
+def transfer_label(st):
+    lam = str(st["lam"])
+    name = ("TRADES + M" + (f" (beta {st['beta']:g})" if st["beta"] != 6.0 else "") if lam == "0"
+            else f"TRADES + TRAIN ({lam.replace('share:', 'share ')})")
+    return name + (f", batch {st['batch_size']}" if st["batch_size"] != 128 else "") + \
+        (f", lr {st['lr']:g}" if isinstance(st.get("lr"), float) and st["batch_size"] != 128 else "")
+
+
+def select_lr(scores):
+    """Arm B's rule: lr* = the lr of TRANSFER_LRS whose seed-1 TRADES + M run at batch 512 has the highest val
+    natural + val PGD-10 accuracy of last.pt (val_score); a tie goes to the smaller lr. -> (lr*, why) or (None, why)."""
+    missing = [lr for lr in TRANSFER_LRS if lr not in scores]
+    if missing:
+        return None, f"arm B's lr runs are not finished ({len(missing)} missing)"
+    best = max(TRANSFER_LRS, key=lambda lr: (scores[lr], -lr))
+    return best, (f"highest val natural + val PGD-10 at batch {TRANSFER_BIG}, seed {TRANSFER_LR_SEED}: "
+                  f"{100 * scores[best]:.2f}")
+
+
+class TransferStudy(Preregistered):
+    """The transfer study's runs; lr* (arm B's learning rate, a placeholder until the lr runs are done)."""
+
+    def __init__(self, passthrough, results_root=None):
+        super().__init__("transfer", passthrough, TRANSFER_TRAIN, results_root)
+
+    def resolve(self, settings, lr_star):
+        return settings if settings.get("lr") != PENDING else (
+            None if lr_star is None else {**settings, "lr": lr_star})
+
+    def scores(self):
+        """{lr: val_score} of the finished lr runs."""
+        out = {}
+        for _, st in transfer_runs(["lr"]):
+            d = self.saved_dir(st, evaluated=False)
+            if d:
+                out[st["lr"]] = val_score(runs.read_metrics(d))
+        return out
+
+    def eval_configs(self):
+        return [self.study.eval_config(e["metrics"], {**RESPONSE_EVAL, **{k: v for k, v in e.items()
+                                                                          if k != "metrics"}}) for e in TRANSFER_EVAL]
+
+
+def transfer_minutes(arm, settings):
+    return TRANSFER_MINUTES[(settings["batch_size"], "val" if arm == "lr" else "full")]
+
+
+def transfer_study(arms, passthrough, dry_run, log, commit=False, results_root=None, report_only=False):
+    """The transfer study (pre-registered; this design was fixed and committed before any of its runs).
+
+    Questions: (1) does TRAIN beat TRADES's own natural/robust trade-off, or only move along it (as a smaller
+    beta would)? (2) does one gradient share S (--lam share:S) carry TRAIN's effect across batch sizes where a
+    constant lambda does not (the multi-GPU case: L_TP over the global batch), and does scaling lambda by the
+    batch do as well?
+    Scale: TRADES (beta 6, baselines official), M' = M = cnn6, PGD-3 step 0.01 eps 0.031, sum reduction, the first
+      25,000 CIFAR-10 training images of the shared copy, of which the last 1,000 are the validation split
+      (24,000 train); 8 epochs, lr 0.1 x0.1 at epochs 6 and 7; every run trains M (lambda 0 = TRADES + M);
+      fresh seeds 7, 8, 9; last.pt is evaluated. S* = 0.15, fixed from results/response.md.
+    Arm S (scale, batch 128): TRADES + M vs TRADES + TRAIN(lambda 0.1) vs TRADES + TRAIN(share 0.15), seeds 7-9, and
+      the trade-off control TRADES + M at beta 3, seeds 7-9. TRAIN beats the trade-off when its (natural, PGD-20) and
+      (natural, AA) points lie above the straight line through beta 6 and beta 3 of the same seed (per seed, and
+      on the means).
+    Arm B (batch 512 in one process: the math of 4 GPUs x 128 under --ddp --tp-scope global): the same three,
+      seeds 7-9, and TRADES + TRAIN(lambda 0.025 = 0.1 x 128/512, lambda scaled by the batch), seeds 7-8. Its lr
+      (no warm-up) is chosen before any of its TRAIN runs by select_lr from TRADES + M runs at lr 0.1 / 0.2 / 0.4,
+      seed 1 (no study seed), on the validation split only (arm "lr"; never evaluated on the test set).
+      Prediction, stated before the runs: at batch 512 a constant lambda 0.1 runs at ~4x the share (~0.45, near
+      where lambda 1 hurt) and loses part of the gain; share 0.15 keeps it.
+    Evaluation of last.pt: natural, PGD-20, test L_TP and neighbour agreement (k 10, 30) on all 10,000 test images;
+      natural, CW-20, AutoAttack (APGD-CE + APGD-DLR) and kNN@30 (support: the first 1,000 training images) on the
+      first 1,000 (a second row of eval.json).
+    Speed: --channels-last (1.29x faster per step than the plain layout for this step on the CPU, one thread,
+      interleaved, 3 rounds; --compile 1.12x, both 1.12x), recorded in each config.json.
+    Budget (TRANSFER_MINUTES; --dry-run sums it): ~10.4 core-hours estimated, under the ~12 allowed, so every run
+      above is in the design. Should the first runs' measured times put the whole over ~12 core-hours, the
+      batch-scaled runs (the last in order) are dropped first, then seed 9 of arm S; never an arm or the
+      trade-off control; results/transfer.md says which.
+    Every run is reported; results/transfer/<run>/ keeps each finished run's config.json, metrics.jsonl and (test
+    runs) eval.json, committed.
+    """
+    ts = TransferStudy(passthrough, results_root)
+    lr_star, why = select_lr(ts.scores())
+    planned = transfer_runs(arms)
+    if dry_run:
+        log(f"transfer study: {len(planned)} runs; lr* at batch {TRANSFER_BIG}: {lr_star or 'not chosen yet'} ({why})")
+        left = total = 0
+        for arm, st in planned:
+            actual = ts.resolve(st, lr_star)
+            status, minutes = ts.status(actual, evaluated=arm != "lr"), transfer_minutes(arm, st)
+            total += minutes
+            left += minutes if status != "done" else 0
+            where = ts.study.dir_of(actual) if actual else "(after arm B's lr runs)"
+            log(f"[{status}] {arm}: {transfer_label(actual or st)}, seed {st['seed']}, ~{minutes} core-min -> {where}")
+        log(f"design: ~{total} core-minutes ({total / 60:.1f} core-hours); "
+            f"remaining: ~{left} core-minutes (~{left / 120:.1f} h on 2 cores, one run per core)")
+        return None
+    if report_only:
+        return transfer_report(ts, lr_star, log)
+    log(f"transfer study: {len(planned)} runs in {ts.study.root}; lr*: {lr_star or 'not chosen yet'} ({why})")
+    for arm, st in planned:
+        actual = ts.resolve(st, lr_star)
+        label = f"{transfer_label(actual or st)}, seed {st['seed']}"
+        if actual is None:
+            log(f"{label}: waits for arm B's lr runs (another process holds one of them)")
+            continue
+        if ts.status(actual, evaluated=arm != "lr") == "done":
+            continue
+        if not ts.run_one(label, actual, ts.eval_configs() if arm != "lr" else [], commit, log,
+                          f"transfer study: {label}"):
+            continue
+        if arm == "lr" and lr_star is None:
+            lr_star, why = select_lr(ts.scores())
+            if lr_star:
+                log(f"lr* = {lr_star:g} ({why})")
+    return transfer_report(ts, lr_star, log)
+
+
+def transfer_values(ev, rows):
+    """The numbers of one run: the 10,000-image row (natural, PGD-20, test L_TP, nbr) and the 1,000-image row (CW-20,
+    AA, kNN@30; natural on those images for the (natural, AA) line) of its eval.json, and its metrics.jsonl."""
+    by_n = {r.get("n_test"): r for r, _ in runs.eval_rows(ev)} if ev else {}
+    full, first = by_n.get(max(by_n, default=None), {}), by_n.get(TRANSFER_EVAL[1]["test_n"], {})
+    nbr = full.get("nbr") or {}
+    v = {"natural": full.get("natural"), "pgd": full.get("pgd"), "test_ltp": full.get("test_ltp"),
+         "std_natural": full.get("std_natural"), "natural_1k": first.get("natural"), "cw": first.get("cw"),
+         "aa": first.get("aa"), "knn_natural": ((first.get("knn") or {}).get("natural") or {}).get("30"),
+         "nbr30_natural": (nbr.get("natural") or {}).get("30"), "nbr30_robust": (nbr.get("robust") or {}).get("30")}
+    v.update(val_score=val_score(rows), share=[r.get("grad/share") for r in rows], lam=[r.get("lambda") for r in rows],
+             minutes=sum(r["seconds"] for r in rows) / 60)
+    v["share_mean"] = statistics.mean(s for s in v["share"]) if all(s is not None for s in v["share"]) else None
+    return v
+
+
+TRANSFER_METRICS = (("natural", "Natural"), ("pgd", "PGD-20"), ("cw", "CW-20 (1k)"), ("aa", "AA (1k)"),
+                    ("knn_natural", "kNN@30 nat (1k)"), ("nbr30_natural", "nbr@30 nat"), ("nbr30_robust", "nbr@30 rob"),
+                    ("test_ltp", "test L_TP"), ("std_natural", "M natural"))
+
+
+def config_key(st):
+    return (st["batch_size"], str(st["lam"]), st["beta"])
+
+
+def lr_table(done, lr_star):
+    out = [f"## Arm B's learning rate (batch {TRANSFER_BIG}, TRADES + M, seed {TRANSFER_LR_SEED}, validation split "
+           "only)",
+           "", "| lr | val natural | val PGD-10 | score (sum) |", "| --- | --- | --- | --- |"]
+    for arm, st, _, v, rows in done:
+        if arm == "lr":
+            last = rows[-1]
+            pgd = next(k for k in last if k.startswith("val_pgd"))
+            out.append(f"| {st['lr']:g}{' (lr*)' if st['lr'] == lr_star else ''} | {fmt(last['val_nat_acc'])} | "
+                       f"{fmt(last[pgd])} | {fmt(v['val_score'])} |")
+    out += ["", f"lr* = {lr_star:g}" if lr_star else "lr*: not chosen yet"]
+    return out
+
+
+def arm_table(done, arm):
+    """Means over seeds per configuration, and the paired differences to TRADES + M (beta 6) of the same seed."""
+    groups = {}
+    for a, st, _, v, _ in done:
+        if a == arm:
+            groups.setdefault(config_key(st), {})[st["seed"]] = (st, v)
+    batch = next(iter(groups))[0] if groups else "-"
+    base = groups.get((batch, "0", 6.0), {})
+    title = f"## Arm {'S' if arm == 'scale' else 'B'} — batch {batch}"
+    out = [title, "", "Means ± std over seeds (%; test L_TP as is); natural, PGD-20, nbr and L_TP on all 10,000 test "
+           "images, CW-20 / AA / kNN on the first 1,000.", "",
+           "| configuration | seeds | " + " | ".join(n for _, n in TRANSFER_METRICS) + " |",
+           "| --- " * (2 + len(TRANSFER_METRICS)) + "|"]
+    order = sorted(groups, key=lambda k: (k[1] != "0", -k[2], k[1]))
+    for key in order:
+        seeds = groups[key]
+        st = next(iter(seeds.values()))[0]
+        out.append(f"| {transfer_label(st)} | {','.join(map(str, sorted(seeds)))} | " + " | ".join(
+            mean_of([v[m] for _, v in seeds.values()], 1 if m == "test_ltp" else 100)
+            for m, _ in TRANSFER_METRICS) + " |")
+    out += ["", "Paired differences to TRADES + M (beta 6) of the same seed (points): mean ± std, better / seeds:", "",
+            "| configuration | " + " | ".join(f"Δ {n}" for _, n in TRANSFER_METRICS[:7]) + " |",
+            "| --- " * 8 + "|"]
+    for key in order:
+        if key == (batch, "0", 6.0):
+            continue
+        seeds = groups[key]
+        st = next(iter(seeds.values()))[0]
+        cells = []
+        for m, _ in TRANSFER_METRICS[:7]:
+            d = [100 * (v[m] - base[s][1][m]) for s, (_, v) in seeds.items()
+                 if s in base and v[m] is not None and base[s][1][m] is not None]
+            cells.append(f"{mean_std(d)} ({sum(x > 0 for x in d)}/{len(d)})" if d else "-")
+        out.append(f"| {transfer_label(st)} | " + " | ".join(cells) + " |")
+    return out
+
+
+def above_line(p, b6, b3, rob):
+    """How far (points) the point p lies above the straight line through b6 and b3 in (natural, rob) coordinates:
+    robust accuracy of p minus the line's robust accuracy at p's natural accuracy. None when not measured."""
+    nat = "natural_1k" if rob == "aa" else "natural"
+    vals = [q.get(k) for q in (p, b6, b3) for k in (nat, rob)]
+    if any(x is None for x in vals) or b6[nat] == b3[nat]:
+        return None
+    slope = (b3[rob] - b6[rob]) / (b3[nat] - b6[nat])
+    return 100 * (p[rob] - (b6[rob] + slope * (p[nat] - b6[nat])))
+
+
+def tradeoff_table(done):
+    """Arm S: does TRAIN's point lie above TRADES's own trade-off line (beta 6 -> beta 3) of the same seed?"""
+    by = {}
+    for a, st, _, v, _ in done:
+        if a == "scale":
+            by.setdefault(st["seed"], {})[(str(st["lam"]), st["beta"])] = v
+    out = ["## Arm S — TRAIN against TRADES's own trade-off line", "",
+           "Points above the straight line through TRADES + M at beta 6 and at beta 3 (same seed) in (natural, robust) "
+           "coordinates: robust accuracy minus the line's at the same natural accuracy (points; > 0: above = TRAIN "
+           "beats the trade-off, <= 0: it moves along it or below). The AA line uses natural accuracy on AA's 1,000 "
+           "images. Means: the line through the mean points.", "",
+           "| configuration | seed | natural gain over beta 6 | above the PGD-20 line | above the AA line |",
+           "| --- | --- | --- | --- | --- |"]
+    for lam in ("0.1", TRANSFER_S):
+        rows, means = [], {}
+        for seed in sorted(by):
+            pts = by[seed]
+            if not {(lam, 6.0), ("0", 6.0), ("0", 3.0)} <= set(pts):
+                continue
+            p, b6, b3 = pts[(lam, 6.0)], pts[("0", 6.0)], pts[("0", 3.0)]
+            for name, q in (("p", p), ("b6", b6), ("b3", b3)):
+                means.setdefault(name, []).append(q)
+            line = [above_line(p, b6, b3, r) for r in ("pgd", "aa")]
+            rows.append(f"| TRADES + TRAIN ({lam.replace('share:', 'share ')}) | {seed} | "
+                        f"{fmt(p['natural'] - b6['natural'])} | "
+                        + " | ".join("-" if x is None else f"{x:+.2f}" for x in line) + " |")
+        if means:
+            mean_pt = {name: {k: (statistics.mean(q[k] for q in qs) if all(q.get(k) is not None for q in qs) else None)
+                              for k in ("natural", "natural_1k", "pgd", "aa")} for name, qs in means.items()}
+            line = [above_line(mean_pt["p"], mean_pt["b6"], mean_pt["b3"], r) for r in ("pgd", "aa")]
+            rows.append(f"| TRADES + TRAIN ({lam.replace('share:', 'share ')}) | mean | "
+                        f"{fmt(mean_pt['p']['natural'] - mean_pt['b6']['natural'])} | "
+                        + " | ".join("-" if x is None else f"{x:+.2f}" for x in line) + " |")
+        out += rows
+    return out
+
+
+def transfer_table(done):
+    """Does the effect carry across batch sizes: TRAIN minus TRADES + M, per configuration, at 128 and at 512."""
+    gains = {}
+    for a, st, _, v, _ in done:
+        if a in ("scale", "batch"):
+            gains.setdefault(config_key(st), {})[st["seed"]] = v
+    out = ["## Transfer across batch sizes — TRAIN minus TRADES + M (same seed and batch), points", "",
+           "| configuration | batch | seeds | Δ Natural | Δ PGD-20 | Δ AA (1k) | mean grad share | mean lambda |",
+           "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for key in sorted(gains, key=lambda k: (k[1], k[0])):
+        batch, lam, beta = key
+        if lam == "0":
+            continue
+        base = gains.get((batch, "0", 6.0), {})
+        seeds = gains[key]
+        cells = []
+        for m in ("natural", "pgd", "aa"):
+            d = [100 * (v[m] - base[s][m]) for s, v in seeds.items() if s in base and v[m] is not None
+                 and base[s][m] is not None]
+            cells.append(f"{mean_std(d)} ({sum(x > 0 for x in d)}/{len(d)})" if d else "-")
+        share = mean_std([v["share_mean"] for v in seeds.values()]) if seeds else "-"
+        lam_mean = mean_std([statistics.mean(v["lam"]) for v in seeds.values()])
+        out.append(f"| {lam} | {batch} | {','.join(map(str, sorted(seeds)))} | " + " | ".join(cells)
+                   + f" | {share} | {lam_mean} |")
+    return out
+
+
+def transfer_every_run(done):
+    out = ["## Every run", "", "| arm | run | seed | val score | " + " | ".join(n for _, n in TRANSFER_METRICS)
+           + " | grad share per epoch | lambda per epoch | train min |", "| --- " * (7 + len(TRANSFER_METRICS)) + "|"]
+    for a, st, _, v, _ in done:
+        per_epoch = lambda xs: " ".join("-" if x is None else f"{x:.3g}" for x in xs)
+        out.append(f"| {a} | {transfer_label(st)} | {st['seed']} | {fmt(v['val_score'])} | "
+                   + " | ".join(fmt(v[m], 1, 3) if m == "test_ltp" else fmt(v[m]) for m, _ in TRANSFER_METRICS)
+                   + f" | {per_epoch(v['share'])} | {per_epoch(v['lam'])} | {v['minutes']:.1f} |")
+    return out
+
+
+def plot_transfer(done, path):
+    """The measured gradient share and lambda(t) per epoch of every TRAIN run (one line each)."""
+    plt = runs.pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    styles = {"0.1": "-", TRANSFER_S: "--", "0.025": ":"}
+    colours = {128: "tab:blue", TRANSFER_BIG: "tab:red"}
+    seen = set()
+    for a, st, _, v, _ in done:
+        lam = str(st["lam"])
+        if a == "lr" or lam == "0":
+            continue
+        epochs = list(range(1, len(v["share"]) + 1))
+        label = f"{lam}, batch {st['batch_size']}"
+        kw = dict(ls=styles.get(lam, "-."), color=colours.get(st["batch_size"], "k"), alpha=0.8,
+                  label=None if label in seen else label)
+        seen.add(label)
+        axes[0].plot(epochs, v["share"], **kw)
+        axes[1].plot(epochs, v["lam"], **kw)
+    for ax, title, ylabel in ((axes[0], "measured gradient share (grad/share)",
+                               "lambda ||dL_TP/df'|| / ||dL_rob/df'||"),
+                              (axes[1], "lambda(t) (epoch mean)", "lambda")):
+        ax.set_title(title)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(ylabel)
+        ax.set_yscale("log")
+        ax.xaxis.set_major_locator(plt.MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+    axes[0].axhline(float(TRANSFER_S.split(":")[1]), color="grey", lw=0.8)
+    handles, labels = axes[0].get_legend_handles_labels()
+    if handles:
+        fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 6), fontsize=8)
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def transfer_report(ts, lr_star, log):
+    """Tables and figure of every finished run (read from results/transfer/), whatever is still missing."""
+    done = []  # (arm, settings, eval.json dict or None, transfer_values, metrics rows)
+    for arm, st in transfer_runs():
+        actual = ts.resolve(st, lr_star)
+        d = actual and ts.saved_dir(actual, evaluated=arm != "lr")
+        if d:
+            ev = runs.read_json(os.path.join(d, "eval.json")) if arm != "lr" else None
+            rows = runs.read_metrics(d)
+            done.append((arm, actual, ev, transfer_values(ev, rows), rows))
+    text = [f"Transfer study: {len(done)} of {len(transfer_runs())} runs finished.", ""] + lr_table(done, lr_star)
+    text += [""] + arm_table(done, "scale") + [""] + tradeoff_table(done)
+    text += [""] + arm_table(done, "batch") + [""] + transfer_table(done) + [""] + transfer_every_run(done)
+    figures = {"transfer.png": lambda path: plot_transfer(done, path)} if any(a != "lr" for a, *_ in done) else {}
+    return ts.write_report("\n".join(text), figures, log)
+
+
 # ------------------------------------------------------------------------------------- the time study
-def time_study(quick, passthrough, steps, warmup, log):
+def time_study(quick, passthrough, steps, warmup, log, configs="methods"):
     """Median seconds per training step (after warm-up) of each configuration, extrapolated to an epoch
     of 50,000 images; TRAIN's overhead relative to its base method. Under torchrun with --ddp: the step
     of G processes on the global batch (rank 0 times and reports; the gradient all-reduce keeps the
@@ -849,10 +1278,11 @@ def time_study(quick, passthrough, steps, warmup, log):
     if distributed.setting_problem(cfg):
         raise common.UserError(distributed.setting_problem(cfg))
     with distributed.process_group(cfg):
-        return time_steps(cfg, steps, warmup, log if distributed.is_main() else distributed.quiet)
+        return time_steps(cfg, steps, warmup, log if distributed.is_main() else distributed.quiet,
+                          TIME_CONFIGS[configs])
 
 
-def time_steps(cfg, steps, warmup, log):
+def time_steps(cfg, steps, warmup, log, configs=TIME_CONFIGS["methods"]):
     device = torch.device(cfg.device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
     if cfg.ddp:
@@ -862,14 +1292,14 @@ def time_steps(cfg, steps, warmup, log):
     y = torch.randint(0, 100, (cfg.batch_size,), device=device)
     per_epoch = math.ceil(50_000 / cfg.batch_size)
     built = {}  # label -> (config, models, optimizers); all built first so steps can be interleaved
-    for label, method, plugins in TIME_CONFIGS:
-        c = dataclasses.replace(cfg, method=method, train="train" in plugins, lbgat="lbgat" in plugins)
+    for label, settings, _ in configs:
+        c = dataclasses.replace(cfg, **settings)
         models = common.accelerate(common.build_models(c, 100, device), c)  # --fast / --amp / ... as in training
         distributed.wrap(models, c)
         built[label] = (c, models, common.build_optimizers(models, c))
     x, y = distributed.shard(x), distributed.shard(y)  # --ddp: this process's part of the global batch
-    if cfg.channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
+    inputs = {label: x.contiguous(memory_format=torch.channels_last) if c.channels_last else x
+              for label, (c, _, _) in built.items()}
     scaler = torch.amp.GradScaler(device.type) if cfg.amp == "fp16" else None
     # Round-robin: one step of every configuration per round, so a slow spell of a shared machine
     # slows all configurations alike instead of biasing whichever one ran during it.
@@ -879,7 +1309,7 @@ def time_steps(cfg, steps, warmup, log):
             if device.type == "cuda":
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
-            common.train_step(models, opts, x, y, c, epoch=1, scaler=scaler)
+            common.train_step(models, opts, inputs[label], y, c, epoch=1, scaler=scaler)
             distributed.sync_buffers(models, c)
             if device.type == "cuda":
                 torch.cuda.synchronize()
@@ -894,13 +1324,12 @@ def time_steps(cfg, steps, warmup, log):
              + f", batch {cfg.batch_size}, PGD-{cfg.steps}, amp {cfg.amp}, channels_last {cfg.channels_last}, "
              f"compile {cfg.compile}; median of {steps} steps after {warmup} warm-up, configurations interleaved; "
              f"epoch = {per_epoch} steps",
-             "", "| method | s / step | images / s | s / epoch (extrapolated) | overhead vs base |",
-             "| --- | --- | --- | --- | --- |"]
-    for label, method, plugins in TIME_CONFIGS:
-        base = results["AT" if method == "at" else "TRADES"]
-        over = "" if not plugins else f"{100 * (results[label] / base - 1):+.1f}%"
+             "", "| configuration | s / step | images / s | s / epoch (extrapolated) | time vs | change |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for label, _, ref in configs:
+        over = "" if ref is None else f"{100 * (results[label] / results[ref] - 1):+.1f}%"
         lines.append(f"| {label} | {results[label]:.3f} | {cfg.batch_size / results[label]:.0f} | "
-                     f"{results[label] * per_epoch:.0f} | {over} |")
+                     f"{results[label] * per_epoch:.0f} | {ref or ''} | {over} |")
     return "\n".join(lines)
 
 
@@ -912,6 +1341,8 @@ def study_list():
                  "curves (--scale cpu|gpu)")
     lines.append(f"  {'response':<15} pre-registered: lambda on a validation split, confirmation on fresh seeds, "
                  "capacity, mechanism (--arms)")
+    lines.append(f"  {'transfer':<15} pre-registered: TRAIN vs TRADES's trade-off line; one --lam share:S across batch "
+                 "sizes (--transfer-arms)")
     return "\n".join(lines)
 
 
@@ -933,18 +1364,24 @@ def import_script(path):
     spec.loader.exec_module(importlib.util.module_from_spec(spec))
 
 
-def main(argv=None):
+def build_parser():
+    """The study script's own flags; every other flag goes to the study's runs (runs.Parser: no abbreviations, so
+    a run flag that begins like one of these, --steps, is passed on, not taken)."""
     import argparse
     p = runs.Parser(description=__doc__.splitlines()[0], epilog="studies:\n" + study_list() + "\n\nUnknown flags "
                       "(e.g. --data-file X.npz --device cpu --lr 0.05) are passed to every run of the study.",
                       formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--study", required=True, choices=sorted(list(STUDIES) + ["time", "evidence", "response"]),
+    p.add_argument("--study", required=True,
+                   choices=sorted(list(STUDIES) + ["time", "evidence", "response", "transfer"]),
                    help="which study")
     p.add_argument("--quick", action="store_true", help="smoke scale: cnn_small, data subset, 2 epochs (default: off)")
     p.add_argument("--dry-run", action="store_true",
                    help="list the runs the study would make, run nothing (default: off)")
     p.add_argument("--steps-only", type=int, default=None, help="time study: timed steps (default: 10, quick 3)")
     p.add_argument("--warmup", type=int, default=None, help="time study: warm-up steps (default: 3, quick 1)")
+    p.add_argument("--time-configs", choices=sorted(TIME_CONFIGS), default="methods",
+                   help="time study: methods (Table XI and the share lambda) or fast-paths (the configuration the run "
+                   "flags give, plain / --channels-last / --compile) (default: methods)")
     p.add_argument("--scale", choices=sorted(EVIDENCE_SCALES), default="cpu",
                    help="evidence study scale (default: cpu)")
     p.add_argument("--configs", type=runs.name_list([k for k, _, _ in EVIDENCE_CONFIGS]), default=None,
@@ -954,29 +1391,38 @@ def main(argv=None):
                    "rerun to continue (default: 0 = no limit)")
     p.add_argument("--arms", type=runs.name_list(RESPONSE_ARMS), default=list(RESPONSE_ARMS),
                    help="response study: only these arms, e.g. lambda or confirm,capacity (default: all)")
-    p.add_argument("--report", action="store_true", help="response study: write its tables and figure from the "
-                   "finished runs, run nothing (default: off)")
-    p.add_argument("--commit", action="store_true", help="response study: git-commit each finished run's "
-                   "results/response/<run>/ files as it finishes (default: off)")
+    p.add_argument("--transfer-arms", type=runs.name_list(TRANSFER_ARMS), default=list(TRANSFER_ARMS),
+                   help="transfer study: only these arms, e.g. lr or scale,batch (default: all)")
+    p.add_argument("--report", action="store_true", help="response / transfer study: write its tables and figure "
+                   "from the finished runs, run nothing (default: off)")
+    p.add_argument("--commit", action="store_true", help="response / transfer study: git-commit each finished "
+                   "run's results/<study>/<run>/ files as it finishes (default: off)")
     p.add_argument("--extend", action="append", default=[], metavar="SCRIPT.py",
                    help="import an experiment script first, so the methods, relation losses and models it registers "
                    "can be named in the study's flags (e.g. --extend exp_example_method.py --method at_ls)")
-    args, passthrough = p.parse_known_args(argv)
+    return p
+
+
+def main(argv=None):
+    args, passthrough = build_parser().parse_known_args(argv)
     for script in args.extend:
         import_script(script)
     log = print
     stop_after(args.max_minutes)
     if args.study == "response":
         return response_study(args.arms, passthrough, args.dry_run, log, args.commit, report_only=args.report)
+    if args.study == "transfer":
+        return transfer_study(args.transfer_arms, passthrough, args.dry_run, log, args.commit, report_only=args.report)
     if args.study == "evidence":
         return evidence_study(args.scale, args.configs, args.seeds, passthrough, args.dry_run, log)
     if args.study == "time":
         steps = args.steps_only or (3 if args.quick else 10)
         warmup = args.warmup if args.warmup is not None else (1 if args.quick else 3)
         if args.dry_run:
-            log(f"time study: {len(TIME_CONFIGS)} configurations x ({warmup} warm-up + {steps} timed) steps")
+            log(f"time study: {len(TIME_CONFIGS[args.time_configs])} configurations x ({warmup} warm-up + {steps} "
+                "timed) steps")
             return None
-        table = time_study(args.quick, passthrough, steps, warmup, log)
+        table = time_study(args.quick, passthrough, steps, warmup, log, args.time_configs)
         if distributed.is_main():  # --ddp under torchrun: rank 0 reports
             log(table)
         return table

@@ -78,10 +78,20 @@ def test_time_study_runs_on_cpu(capsys):
     table = ab.main(["--study", "time", "--quick", "--steps-only", "1", "--warmup", "0", "--device", "cpu",
                      "--batch-size", "16"])
     lines = table.splitlines()
-    assert lines[0].startswith("Training time on CPU") and len(lines) == 4 + len(ab.TIME_CONFIGS)
+    configs = ab.TIME_CONFIGS["methods"]
+    assert lines[0].startswith("Training time on CPU") and len(lines) == 4 + len(configs)
     rows = {l.split("|")[1].strip(): l for l in lines[4:]}
-    assert set(rows) == {label for label, _, _ in ab.TIME_CONFIGS}
-    assert rows["TRADES + TRAIN"].rstrip(" |").endswith("%")
+    assert set(rows) == {label for label, _, _ in configs}
+    assert rows["TRADES + TRAIN"].rstrip(" |").endswith("%") and "| TRADES |" in rows["TRADES + TRAIN"]
+    assert "| TRADES + TRAIN |" in rows["TRADES + TRAIN, share:0.15"]
+
+
+def test_time_study_compares_fast_paths_of_one_configuration(capsys):
+    table = ab.main(["--study", "time", "--time-configs", "fast-paths", "--quick", "--steps-only", "1", "--warmup",
+                     "0", "--device", "cpu", "--batch-size", "8", "--method", "trades", "--train", "--lam", "0.1"])
+    rows = {l.split("|")[1].strip(): l for l in table.splitlines()[4:]}
+    assert set(rows) == {"as given", "channels_last", "compile", "channels_last + compile"}
+    assert all(rows[k].rstrip(" |").endswith("%") for k in rows if k != "as given")
 
 
 def test_standard_method_and_frozen_pretrained_std(tiny_npz, tmp_path):
@@ -207,3 +217,56 @@ def test_evidence_dry_run_lists_both_scales(capsys, tmp_path):
     assert all("M'=cnn6" in l and "PGD-3" in l for l in out if l.startswith("[cpu]"))
     assert sum(l.startswith("[gpu]") and "M'=preact_resnet18 M=resnet18" in l and "PGD-10" in l for l in out) == n
     assert not os.listdir(tmp_path)
+
+
+# ------------------------------------------------------------------------------ every run flag reaches the runs
+def cli_value(f, default):
+    """A command-line value of Config field f that differs from `default` (None: a store_true flag)."""
+    kw = f.metadata["cli"]
+    if f.type is bool or f.type == "bool":
+        return None
+    choices = kw.get("choices")
+    choices = choices() if callable(choices) else choices
+    if choices:
+        return next(c for c in choices if c != default)
+    typ = kw.get("type")
+    if typ is runs.lam_arg:
+        return "share:0.3" if str(default) != "share:0.3" else "0.3"
+    if typ in (int, runs.count_arg):
+        return str((default or 0) + 3)
+    if typ in (float, runs.parse_number):
+        return "0.0123"
+    if typ is runs.int_list:
+        return "3,4"
+    return "some/where.npz"
+
+
+@pytest.mark.parametrize("name", [f.name for f in runs.fields(runs.Config) if f.name not in ("quick",)])
+def test_every_run_flag_given_to_a_study_reaches_its_runs(name, tmp_path):
+    """exp_ablations.py's parser allowed abbreviations: --steps 5 was taken as its own --steps-only 5 and never
+    reached the runs. Each Config flag given in full must be passed on and land in the runs' settings (what
+    config.json records)."""
+    f = next(f for f in runs.fields(runs.Config) if f.name == name)
+    flag = "--" + name.replace("_", "-")
+    value = cli_value(f, getattr(ab.Study([], quick=True).base, name))
+    argv = ["--study", "lambda", "--quick", "--dry-run", flag] + ([] if value is None else [value])
+    args, passthrough = ab.build_parser().parse_known_args(argv)
+    assert flag in passthrough, f"{flag} was swallowed by exp_ablations.py's own flags: {vars(args)}"
+    given = runs.parse_flags(ab.DEFAULTS, passthrough)
+    base = ab.Study(passthrough, quick=True).base
+    assert getattr(base, name) == given[name], f"{flag} did not reach the study's runs"
+    saved = runs.recorded_config(base)[name]  # config.json's "config"
+    assert saved == (runs.recorded_path(given[name]) if name in runs.PATH_SETTINGS
+                     else str(given[name]) if name == "lam" else given[name])
+
+
+def test_steps_reaches_the_runs_and_the_time_study(capsys, tmp_path):
+    ab.main(["--study", "lambda", "--quick", "--steps", "5", "--dry-run", "--runs-dir", str(tmp_path)])
+    listed = [l for l in capsys.readouterr().out.splitlines() if l.startswith("[missing]")]
+    assert listed and all("_steps-5" in l for l in listed)
+    with pytest.raises(SystemExit) as e:  # a prefix of a study flag is no flag of it
+        ab.build_parser().parse_args(["--study", "time", "--steps-o", "2"])
+    assert e.value.code == 2
+    table = ab.main(["--study", "time", "--quick", "--steps", "2", "--steps-only", "1", "--warmup", "0",
+                     "--device", "cpu", "--arch", "cnn_small", "--std-arch", "cnn_small", "--batch-size", "4"])
+    assert "PGD-2," in table

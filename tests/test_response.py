@@ -232,3 +232,24 @@ def test_dry_run_lists_every_run_with_minutes(tmp_path, capsys):
     assert len(listed) == len(runs) == 35
     assert all("core-min" in l for l in listed) and out[-1].startswith("remaining: ~")
     assert not os.listdir(tmp_path)
+
+
+def test_committed_study_results_hold_no_absolute_path():
+    """Every committed result file (results/<study>/<run>/*.json) names paths relative to the repository."""
+    import glob
+    files = glob.glob(os.path.join(runs.REPO, "results", "*", "*", "*.json"))
+    assert len(files) >= 70  # the response study: 35 runs x (config.json, eval.json) at least
+
+    def strings(v):
+        if isinstance(v, dict):
+            for x in v.values():
+                yield from strings(x)
+        elif isinstance(v, list):
+            for x in v:
+                yield from strings(x)
+        elif isinstance(v, str):
+            yield v
+    for f in files:
+        with open(f) as fh:
+            bad = [s for s in strings(json.load(fh)) if os.path.isabs(s)]
+        assert not bad, f"{f} names absolute paths: {bad}"
