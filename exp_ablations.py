@@ -1274,7 +1274,13 @@ def time_study(quick, passthrough, steps, warmup, log, configs="methods"):
     of 50,000 images; TRAIN's overhead relative to its base method. Under torchrun with --ddp: the step
     of G processes on the global batch (rank 0 times and reports; the gradient all-reduce keeps the
     ranks in step)."""
-    cfg = Study(passthrough + ["--dataset", "cifar100"], quick).base
+    study = Study(passthrough, quick)
+    cfg = study.base
+    data_flags = [f"--{k.replace('_', '-')}" for k in ("dataset", "data_file", "data_dir", "train_n", "val_n", "test_n")
+                  if k in study.given]
+    if data_flags:  # the step is timed on random tensors; data flags change nothing (and are not checked)
+        log(f"time study: {', '.join(data_flags)} not used: it times training steps on random 32x32 images of "
+            "100 classes (Table XI's CIFAR-100 shape)")
     if distributed.setting_problem(cfg):
         raise common.UserError(distributed.setting_problem(cfg))
     with distributed.process_group(cfg):
@@ -1355,13 +1361,33 @@ def stop_after(minutes):
         timer.start()
 
 
-def import_script(path):
-    """--extend: run an experiment script's module code (its registrations), not its __main__ block."""
+def import_script(path, log=print):
+    """--extend: run an experiment script's module code (its registrations), not its __main__ block. A script that
+    does not import (a syntax error, an exception at import) is bad input: one line naming the file, the line and
+    the error. Its DEFAULTS are not the study's settings: the study keeps its own design, and the line printed here
+    names the script's settings that differ, as flags to pass if they are wanted."""
     import importlib.util
+    import traceback
     if not os.path.isfile(path):
         raise common.UserError(f"--extend {path}: no such file")
+    registries = {"method": common.BASE_METHODS, "model": common.MODELS, "relation loss": common.RELATION_LOSSES}
+    before = {kind: set(reg) for kind, reg in registries.items()}
     spec = importlib.util.spec_from_file_location(os.path.splitext(os.path.basename(path))[0], path)
-    spec.loader.exec_module(importlib.util.module_from_spec(spec))
+    module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+    except SyntaxError as e:
+        raise common.UserError(f"--extend {path}: line {e.lineno}: SyntaxError: {e.msg}")
+    except Exception as e:
+        here = os.path.abspath(path)
+        lines = [f.lineno for f in traceback.extract_tb(e.__traceback__) if os.path.abspath(f.filename) == here]
+        where = f"line {lines[-1]}: " if lines else ""
+        raise common.UserError(f"--extend {path}: {where}{type(e).__name__} at import: {e}")
+    added = [f"{kind} {name}" for kind, reg in registries.items() for name in sorted(set(reg) - before[kind])]
+    own = [f"--{k.replace('_', '-')} {runs.shown(v)}" for k, v in getattr(module, "DEFAULTS", {}).items()
+           if DEFAULTS.get(k) != v and k != "method"]
+    log(f"--extend {path}: registered {', '.join(added) or 'nothing new'}; the study keeps its own settings"
+        + (f" (the script's DEFAULTS differ: {' '.join(own)}; give those flags to use them)" if own else ""))
 
 
 def build_parser():
@@ -1399,7 +1425,8 @@ def build_parser():
                    "run's results/<study>/<run>/ files as it finishes (default: off)")
     p.add_argument("--extend", action="append", default=[], metavar="SCRIPT.py",
                    help="import an experiment script first, so the methods, relation losses and models it registers "
-                   "can be named in the study's flags (e.g. --extend exp_example_method.py --method at_ls)")
+                   "can be named in the study's flags (e.g. --extend exp_example_method.py --method at_ls); the "
+                   "study keeps its own settings, not the script's DEFAULTS (it prints those that differ, as flags)")
     return p
 
 

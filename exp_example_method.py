@@ -5,7 +5,7 @@ in common.BASE_METHODS, and run it by name. The command line, run names, resume,
 pick it up from the registry, as for the paper's methods:
     python exp_example_method.py --method at_ls --train                 # AT-LS + TRAIN, the paper's settings
     python exp_example_method.py --quick --data-file ../shared/data/cifar10_small.npz
-    python exp_example_method.py --eval runs/example_method_quick/best.pt
+    python exp_example_method.py --eval runs/example_method_at_ls_quick/best.pt
 A relation loss registers the same way (common.RELATION_LOSSES["name"] = common.Relation(fn)) and a model
 too (common.MODELS["name"] = lambda num_classes: MyNet(num_classes)); see README, "Make a new experiment".
 """

@@ -14,12 +14,13 @@ import hashlib
 import json
 import os
 import platform
+import signal
 import shutil
 import statistics
 import subprocess
 import sys
 import time
-from dataclasses import MISSING, dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields, replace
 
 import numpy as np
 import torch
@@ -1005,6 +1006,32 @@ def checkpoint_facts(ck, path):
             "selection": f"best-by-{on}" if on else "last"}
 
 
+NEED_STD = ("tp", "nbr")  # metrics that compare M' with M: only a checkpoint of a run trained with M has them
+
+
+def check_eval_plan(ecfg, models, n_test, n_train, log):
+    """What the evaluation can measure, checked before any attack runs -> the EvalConfig to run. nbr / tp without M
+    (a run trained without --train): one line saying so, and exit 2 when nothing else was asked; a k that the images
+    cannot satisfy (--nbr-k >= the test images, --knn-k > the kNN support): exit 2."""
+    asked = list(ecfg.metrics)
+    lacking = [m for m in asked if m in NEED_STD] if models.std is None else []
+    if lacking:
+        why = (f"metrics {','.join(lacking)} (test L_TP, neighbour agreement) compare M' with M, the standard model of "
+               "a run trained with --train; this checkpoint holds none")
+        rest = [m for m in asked if m not in NEED_STD]
+        if not rest:
+            raise UserError(why)
+        log(f"note: {why}: {','.join(lacking)} not measured")
+        ecfg = replace(ecfg, metrics=rest)
+    if "nbr" in ecfg.metrics and max(ecfg.nbr_k) >= n_test:
+        raise UserError(f"--nbr-k {max(ecfg.nbr_k)} needs more than {max(ecfg.nbr_k)} test images (there are {n_test})")
+    support = 2 * min(ecfg.knn_train_n or n_train, n_train)  # natural + PGD-20 training images
+    if "knn" in ecfg.metrics and max(ecfg.knn_k) > support:
+        raise UserError(f"--knn-k {max(ecfg.knn_k)} is larger than the kNN support ({support} samples: natural + "
+                        f"PGD-20 of {support // 2} training images, --knn-train-n)")
+    return ecfg
+
+
 def evaluate(ckpt_path, ecfg, out_dir=None, log=print):
     """Every metric of the paper's tables for one checkpoint -> a dict (eval.json's content): loads the
     checkpoint, its data and models, then common.evaluate_models.
@@ -1018,6 +1045,7 @@ def evaluate(ckpt_path, ecfg, out_dir=None, log=print):
     models = eval_models(ck, run_cfg, ecfg, data.num_classes, device, ckpt_path)
     if ecfg.eval_model == "std" and models.std is None:
         raise UserError(f"--eval-model std: this checkpoint holds no standard model ({', '.join(models.saved())})")
+    ecfg = check_eval_plan(ecfg, models, len(data.x_test), len(data.x_train), log)
     eps = run_cfg.eps if ecfg.eps is None else ecfg.eps
     res = {"checkpoint": recorded_path(ckpt_path), **checkpoint_facts(ck, ckpt_path),
            "model": ecfg.eval_model, "arch": run_cfg.arch if ecfg.eval_model == "adv" else std_arch_of(run_cfg),
@@ -1117,6 +1145,20 @@ def write_eval(res, run_dir, log=print):
     return merged
 
 
+@contextlib.contextmanager
+def signals_stop(message):
+    """Ctrl-C / SIGTERM inside the block: stop at once with Interrupted(message) (main prints it, exit 130 / 143)
+    instead of dying silently; nothing is written inside the block, so nothing is half-written."""
+    def stop(signum, _frame):
+        raise Interrupted(f"{signal.Signals(signum).name}: {message}", 128 + signum)
+    old = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h if h is not None else signal.SIG_DFL)  # None: a handler set outside Python
+
+
 def evaluate_run(ckpt, ecfg, out_dir, log=print):
     """--eval: evaluate ckpt and merge the results into out_dir's eval.json / results.md (write_eval),
     holding out_dir's lock; a folder that cannot take them is refused before any attack runs."""
@@ -1126,7 +1168,10 @@ def evaluate_run(ckpt, ecfg, out_dir, log=print):
     with run_lock(out_dir):
         check_writable(out_dir)
         remove_stale_temps(out_dir, log)
-        return write_eval(evaluate(ckpt, ecfg, out_dir, log), out_dir, log)
+        with signals_stop(f"--eval {ckpt}: interrupted before it finished; "
+                          f"{os.path.join(out_dir, 'eval.json')} is unchanged"):
+            res = evaluate(ckpt, ecfg, out_dir, log)
+        return write_eval(res, out_dir, log)  # atomic: a kill now leaves the old eval.json or the new one
 
 
 def eval_config(given):

@@ -270,3 +270,44 @@ def test_steps_reaches_the_runs_and_the_time_study(capsys, tmp_path):
     table = ab.main(["--study", "time", "--quick", "--steps", "2", "--steps-only", "1", "--warmup", "0",
                      "--device", "cpu", "--arch", "cnn_small", "--std-arch", "cnn_small", "--batch-size", "4"])
     assert "PGD-2," in table
+
+
+def test_time_study_runs_with_a_data_file_of_another_class_count(tmp_path, capsys):
+    """It added --dataset cifar100 itself and then refused a 10-class --data-file; it times random tensors."""
+    from conftest import write_npz
+    npz = write_npz(tmp_path / "ten.npz", classes=10, n_train=40)
+    for extra in ([], ["--dataset", "cifar10"]):
+        table = ab.main(["--study", "time", "--quick", "--steps-only", "1", "--warmup", "0", "--device", "cpu",
+                         "--batch-size", "4", "--data-file", npz, *extra])
+        assert table.startswith("Training time on CPU")
+        assert "--data-file not used" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("text, where", [("import common\ndef f(:\n    pass\n", "line 2: SyntaxError"),
+                                         ("import common\nx = 1\nraise RuntimeError('boom')\n",
+                                          "line 3: RuntimeError at import: boom")])
+def test_extend_with_a_broken_script_is_one_line(text, where, tmp_path, capsys):
+    script = tmp_path / "exp_broken.py"
+    script.write_text(text)
+    from conftest import ROOT, cli
+    r = cli("--study", "lambda", "--quick", "--dry-run", "--extend", str(script), script="exp_ablations.py")
+    err = r.stderr.strip()
+    assert r.returncode == 2 and len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert str(script) in err and where in err
+
+
+def test_extend_says_what_it_takes_from_the_script(tmp_path, capsys):
+    script = tmp_path / "exp_mine.py"
+    script.write_text("import common\nfrom exp_example_method import loss_at_ls\n"
+                      "common.BASE_METHODS['at_ls2'] = common.Method(common.attack_ce, loss_at_ls)\n"
+                      "DEFAULTS = dict(dataset='cifar10', method='at_ls2', arch='cnn6', lam='5')\n")
+    try:
+        ab.main(["--study", "lambda", "--quick", "--dry-run", "--extend", str(script), "--method", "at_ls2",
+                 "--runs-dir", str(tmp_path / "runs")])
+        out = capsys.readouterr().out.splitlines()
+        assert out[0].startswith(f"--extend {script}: registered ") and "method at_ls2" in out[0]
+        assert "the study keeps its own settings" in out[0]
+        assert "--arch cnn6" in out[0] and "--dataset cifar10" in out[0]
+        assert all("arch-cnn6" not in line for line in out[1:])  # taken from the flags, not from the DEFAULTS
+    finally:
+        common.BASE_METHODS.pop("at_ls2", None)

@@ -2,13 +2,14 @@
 import argparse
 import json
 import os
+import signal
 
 import pytest
 import torch
 import torch.nn as nn
 
 import common
-from conftest import DEFAULTS, tiny_args
+from conftest import DEFAULTS, refused, tiny_args
 
 
 class ChannelMeans(nn.Module):
@@ -179,3 +180,70 @@ def test_progress_lines_when_not_a_terminal(monkeypatch, capsys):
     monkeypatch.setattr(common.sys.stderr, "isatty", lambda: True, raising=False)
     common.attack_all(model, x, y, lambda m, xb, yb: xb, batch_size=4, desc="PGD-20")
     assert "batches done" not in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------------------ what --eval can measure, before any attack
+@pytest.fixture
+def plain_run(tiny_npz, tmp_path):
+    """A finished run trained without --train: its checkpoint holds M' alone."""
+    out = tmp_path / "plain"
+    common.main(DEFAULTS, tiny_args(tiny_npz, out, "--method", "at", "--epochs", "1"), prefix="test")
+    return out
+
+
+def no_attacks(monkeypatch):
+    def attack_ran(*a, **kw):
+        raise AssertionError("an attack ran before the evaluation was refused")
+    monkeypatch.setattr(common, "correct_under", attack_ran)
+    monkeypatch.setattr(common, "attack_all", attack_ran)
+
+
+@pytest.mark.parametrize("metrics", ["nbr", "tp", "tp,nbr"])
+def test_metrics_that_need_m_on_a_run_without_m_are_one_line_before_any_attack(metrics, plain_run, monkeypatch, capsys):
+    no_attacks(monkeypatch)
+    err = refused(["--eval", str(plain_run / "last.pt"), "--metrics", metrics, "--device", "cpu"], capsys)
+    assert "compare M' with M" in err and "--train" in err
+    assert not (plain_run / "eval.json").exists()
+
+
+def test_metrics_that_need_m_are_said_to_be_skipped_when_others_were_asked(plain_run, capsys):
+    common.main(DEFAULTS, ["--eval", str(plain_run / "last.pt"), "--metrics", "nat,pgd,nbr", "--device", "cpu",
+                           "--eval-steps", "2"], prefix="test")
+    out = capsys.readouterr().out
+    assert "note: metrics nbr (test L_TP, neighbour agreement) compare M' with M" in out and "nbr not measured" in out
+    res = json.load(open(plain_run / "eval.json"))
+    assert "pgd" in res and "nbr" not in res
+
+
+@pytest.mark.parametrize("flags, needle", [(["--metrics", "nat,nbr", "--nbr-k", "5000"], "--nbr-k 5000 needs more"),
+                                           (["--metrics", "nat,knn", "--knn-k", "500", "--knn-train-n", "10"],
+                                            "--knn-k 500 is larger than the kNN support (20 samples")])
+def test_impossible_k_is_refused_before_any_attack(flags, needle, tiny_npz, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "r"
+    common.main(DEFAULTS, tiny_args(tiny_npz, out, "--method", "at", "--train", "--epochs", "1"), prefix="test")
+    no_attacks(monkeypatch)
+    err = refused(["--eval", str(out / "last.pt"), "--device", "cpu", *flags], capsys)
+    assert needle in err
+    assert not (out / "eval.json").exists()
+
+
+@pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_a_signal_during_eval_is_one_line_and_leaves_eval_json_as_it_was(sig, code, plain_run, monkeypatch, capsys):
+    common.main(DEFAULTS, ["--eval", str(plain_run / "last.pt"), "--metrics", "nat", "--device", "cpu"], prefix="test")
+    before = (plain_run / "eval.json").read_text()
+    import runs
+    real = runs.evaluate_models
+
+    def interrupted(*a, **kw):  # what a scheduler's SIGTERM (or Ctrl-C) does in the middle of the attacks
+        os.kill(os.getpid(), sig)
+        return real(*a, **kw)
+    monkeypatch.setattr(runs, "evaluate_models", interrupted)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        common.main(DEFAULTS, ["--eval", str(plain_run / "last.pt"), "--metrics", "nat,pgd", "--device", "cpu"],
+                    prefix="test")
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == code and len(err.splitlines()) == 1 and "Traceback" not in err
+    assert signal.Signals(sig).name in err and "eval.json is unchanged" in err
+    assert (plain_run / "eval.json").read_text() == before
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL or callable(signal.getsignal(signal.SIGTERM))
