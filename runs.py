@@ -1161,8 +1161,9 @@ def export_state_dict(ckpt_path, out_path, overwrite=False):
 #    --table RUN ...: every row of each run's eval.json; what has none gets a row saying why.
 #    --plot RUN ...: learning curves from metrics.jsonl, drawn by the function the studies draw theirs with.
 # =====================================================================================
-TABLE_HEADER = ("| run | eps | Natural | PGD-20 | CW-20 | AA | kNN natural | kNN robust | checkpoint |\n"
-                "| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+TABLE_HEADER = ("| run | eps | Natural | PGD-20 | CW-20 | AA | kNN natural | kNN robust | L_TP | nbr@30 "
+                "| checkpoint |\n"
+                "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
 
 
 # Settings that define a row (ROW_KEYS, METRIC_SETTINGS) but have no cell of their own: where a run's rows differ
@@ -1187,10 +1188,20 @@ def aa_cell(res, pct):
     return f"{pct(res['aa'])} (n={res['aa_n']}{on_them})"
 
 
+def nbr_cell(res, pct, k="30"):
+    """Neighbour agreement natural / robust at k=30; a run evaluated without k=30: the first k, which the cell names."""
+    nbr = res.get("nbr") or {}
+    kk = k if k in nbr.get("natural", {}) else next(iter(nbr.get("natural", {})), None)
+    if kk is None:
+        return "-"
+    return f"{pct(nbr['natural'][kk])} / {pct(nbr['robust'][kk])}" + ("" if kk == k else f" (k={kk})")
+
+
 def results_row(res, k="30", note=""):
-    """One markdown row in the paper's column order; kNN at k=30 (or the first k evaluated). Every row says
-    how many test images each column used (row_label, aa_cell); the last
-    column says which checkpoint (checkpoint_facts' selection; '-' where eval.json lacks it)."""
+    """One markdown row in the paper's column order, then the project's own metrics (test L_TP, neighbour agreement);
+    kNN at k=30 (or the first k evaluated). Every row says how many test images each column used (row_label,
+    aa_cell); the last column says which checkpoint (checkpoint_facts' selection; '-' where eval.json lacks it).
+    A metric not in eval.json (not measured, or older code) is '-'."""
     def pct(v):
         return "-" if v is None else f"{100 * v:.2f}"
     knn = res.get("knn") or {}
@@ -1201,6 +1212,7 @@ def results_row(res, k="30", note=""):
              pct(res.get("natural")), pct(res.get("pgd")) + steps_note * ("pgd" in res),
              pct(res.get("cw")) + steps_note * ("cw" in res), aa,
              pct(knn["natural"][kk]) if kk else "-", pct(knn["robust"][kk]) if kk else "-",
+             "-" if res.get("test_ltp") is None else f"{res['test_ltp']:.3f}", nbr_cell(res, pct),
              res.get("selection", "-")]
     return "| " + " | ".join(cells) + " |"
 

@@ -83,6 +83,29 @@ def test_table_shows_every_row_of_a_run_evaluated_under_several_settings(evaluat
     assert len({(r[0], r[1]) for r in rows}) == 3  # no two rows look alike
     md = (evaluated / "a" / "results.md").read_text().splitlines()  # results.md: the same rows, oldest first
     assert md == lines[2:][::-1]
+
+
+def test_table_and_results_md_show_test_ltp_and_neighbour_agreement(evaluated, tmp_path, capsys):
+    """The project's own metrics, test L_TP and nbr, were in eval.json but in no column. Now L_TP (3 decimals) and
+    nbr@30 (natural / robust, %) in --table and results.md; the rows measured without them (old eval.json files too)
+    say '-'."""
+    run = tmp_path / "a"
+    shutil.copytree(evaluated / "a", run)
+    run_main(["--eval", str(run / "last.pt"), "--metrics", "tp,nbr", "--eps", "0.05", "--eval-steps", "3"])
+    ev = json.loads((run / "eval.json").read_text())
+    lines = table([run], capsys)
+    head, rows = cells(lines[0]), [cells(line) for line in lines[2:]]
+    assert head[-3:] == ["L_TP", "nbr@30", "checkpoint"] and all(len(r) == len(head) for r in rows)
+    ltp, nbr = head.index("L_TP"), head.index("nbr@30")
+    assert rows[0][ltp] == f"{ev['test_ltp']:.3f}"  # the latest row: measured into it (same settings)
+    assert rows[0][nbr] == f"{100 * ev['nbr']['natural']['30']:.2f} / {100 * ev['nbr']['robust']['30']:.2f}"
+    assert len(rows) == 3 and all(r[ltp] == r[nbr] == "-" for r in rows[1:])  # rows without them
+    assert (run / "results.md").read_text().splitlines() == lines[2:][::-1]
+    old = {k: v for k, v in ev.items() if k not in ("test_ltp", "nbr", "earlier")}  # an eval.json of older code
+    old["nbr"] = {"natural": {"10": 0.25}, "robust": {"10": 0.125}}  # evaluated with --nbr-k 10 only
+    (run / "eval.json").write_text(json.dumps(old))
+    row = cells(table([run], capsys)[2])
+    assert row[ltp] == "-" and row[nbr] == "25.00 / 12.50 (k=10)"
 # ------------------------------------------------------------------------------------- --plot
 def test_plot_of_one_run_writes_curves_png_in_its_folder(evaluated, tmp_path, capsys):
     shutil.copytree(evaluated / "a", tmp_path / "a")
