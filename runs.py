@@ -1206,8 +1206,9 @@ def export_state_dict(ckpt_path, out_path, overwrite=False):
 #    --table RUN ...: every row of each run's eval.json; what has none gets a row saying why.
 #    --plot RUN ...: learning curves from metrics.jsonl, drawn by the function the studies draw theirs with.
 # =====================================================================================
-TABLE_HEADER = ("| run | eps | Natural | PGD-20 | CW-20 | AA | kNN natural | kNN robust | checkpoint |\n"
-                "| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+TABLE_HEADER = ("| run | eps | Natural | PGD-20 | CW-20 | AA | kNN natural | kNN robust | L_TP | nbr@30 "
+                "| checkpoint |\n"
+                "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
 
 
 # Settings that define a row (ROW_KEYS, METRIC_SETTINGS) but have no cell of their own: where a run's rows differ
@@ -1232,10 +1233,20 @@ def aa_cell(res, pct):
     return f"{pct(res['aa'])} (n={res['aa_n']}{on_them})"
 
 
+def nbr_cell(res, pct, k="30"):
+    """Neighbour agreement natural / robust at k=30; a run evaluated without k=30: the first k, which the cell names."""
+    nbr = res.get("nbr") or {}
+    kk = k if k in nbr.get("natural", {}) else next(iter(nbr.get("natural", {})), None)
+    if kk is None:
+        return "-"
+    return f"{pct(nbr['natural'][kk])} / {pct(nbr['robust'][kk])}" + ("" if kk == k else f" (k={kk})")
+
+
 def results_row(res, k="30", note=""):
-    """One markdown row in the paper's column order; kNN at k=30 (or the first k evaluated). Every row says
-    how many test images each column used (row_label, aa_cell); the last
-    column says which checkpoint (checkpoint_facts' selection; '-' where eval.json lacks it)."""
+    """One markdown row in the paper's column order, then the project's own metrics (test L_TP, neighbour agreement);
+    kNN at k=30 (or the first k evaluated). Every row says how many test images each column used (row_label,
+    aa_cell); the last column says which checkpoint (checkpoint_facts' selection; '-' where eval.json lacks it).
+    A metric not in eval.json (not measured, or older code) is '-'."""
     def pct(v):
         return "-" if v is None else f"{100 * v:.2f}"
     knn = res.get("knn") or {}
@@ -1246,6 +1257,7 @@ def results_row(res, k="30", note=""):
              pct(res.get("natural")), pct(res.get("pgd")) + steps_note * ("pgd" in res),
              pct(res.get("cw")) + steps_note * ("cw" in res), aa,
              pct(knn["natural"][kk]) if kk else "-", pct(knn["robust"][kk]) if kk else "-",
+             "-" if res.get("test_ltp") is None else f"{res['test_ltp']:.3f}", nbr_cell(res, pct),
              res.get("selection", "-")]
     return "| " + " | ".join(cells) + " |"
 
@@ -1362,14 +1374,47 @@ def pyplot():
 
 
 LOSS_STYLES = ("-", "--", ":", "-.", (0, (5, 1)), (0, (3, 1, 1, 1, 1, 1)))  # a run's loss terms, several runs drawn
+# lambda's panel: metrics.jsonl key, legend name, line style (several runs: a colour each, these tell the series apart)
+SHARE_SERIES = (("lambda", "lambda(t)", "-"), ("grad/share", "grad/share", "--"), ("share_target", "share target", ":"))
+
+
+def logs_share(seeds):
+    """Whether a label's runs logged what lambda's panel draws: the gradient probe, or a lambda that varies
+    (--lam share:S)."""
+    rows = [r for rows in seeds for r in rows]
+    return any("grad/share" in r for r in rows) or len({r["lambda"] for r in rows if "lambda" in r}) > 1
+
+
+def log_if_positive(ax):
+    if ax.lines and all(v > 0 for line in ax.lines for v in line.get_ydata()):
+        ax.set_yscale("log")  # the series differ by orders of magnitude
+
+
+def figure_legend(fig, axes):
+    """One legend for the whole figure, below the panels (constrained layout leaves it room, so it hides no curve),
+    each label once (M' and M are in both accuracy panels); as many columns as the figure's width holds."""
+    entries = {}
+    for ax in axes:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            entries.setdefault(label, handle)
+    if not entries:
+        return
+    per_entry = 0.7 + 0.075 * max(map(len, entries))  # inches: the line sample and the text at fontsize 8
+    ncol = max(1, min(len(entries), int(fig.get_figwidth() / per_entry)))
+    fig.set_figheight(fig.get_figheight() + 0.2 * -(-len(entries) // ncol))  # room for its rows
+    fig.legend(entries.values(), entries.keys(), loc="outside lower center", ncol=ncol, fontsize=8)
 
 
 def curves_figure(curves):
     """curves: {label: [metrics.jsonl rows of each seed]} -> a figure of three panels, the mean over seeds per
     epoch: natural and PGD accuracy on the monitored test images of M' (solid) and M (dashed, when trained), and
-    the training loss terms. Several labels: a colour each (loss terms by line style); one: a colour per term."""
+    the training loss terms; a fourth, lambda(t) and the gradient share (and --lam share:S's target), when a run
+    logged them (logs_share). Several labels: a colour each (loss terms by line style); one: a colour per term.
+    One legend below the panels (figure_legend), every axis labelled, epochs ticked at integers."""
+    from matplotlib.ticker import MaxNLocator
     plt = pyplot()
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4))
+    share = any(logs_share(seeds) for seeds in curves.values())
+    fig, axes = plt.subplots(1, 3 + share, figsize=(5.3 * (3 + share), 4), layout="constrained")
     pgd_keys, one = set(), len(curves) == 1
     for i, (label, seeds) in enumerate(curves.items()):
         n = min(len(rows) for rows in seeds)  # the epochs every seed has reached
@@ -1384,22 +1429,32 @@ def curves_figure(curves):
             if key and "std_" + key in first:
                 ax.plot(epochs, mean("std_" + key, 100), color=colour, ls="--", label=f"{label} M")
         for j, k in enumerate(k for k in first if k.startswith("loss/")):
-            style = dict(color=plt.cm.tab10(j % 10), label=k[5:]) if one else dict(
+            style = dict(color=plt.cm.tab10((j + 1) % 10), label=k[5:]) if one else dict(  # not the run's colour
                 color=colour, ls=LOSS_STYLES[j % len(LOSS_STYLES)], label=f"{label} {k[5:]}")
             axes[2].plot(epochs, mean(k), **style)
+        if share and logs_share(seeds):
+            for k, name, ls in SHARE_SERIES:
+                if all(k in rows[e] for rows in seeds for e in range(n)):  # a probe of one process only: not in DDP
+                    target = k == "share_target"  # thin and beneath: grad/share lies on it when the control holds
+                    axes[3].plot(epochs, mean(k), color=("grey" if target else "black") if one else colour, ls=ls,
+                                 lw=1 if target else 1.5, marker=None if target else "s", ms=3, zorder=1 + (not target),
+                                 label=name if one else f"{label} {name}")
     steps = f"PGD-{pgd_keys.pop()[3:-4]}" if len(pgd_keys) == 1 and None not in pgd_keys else "PGD"
     for ax, title in zip(axes, ("natural accuracy", f"{steps} accuracy")):
         ax.set_title(f"{title} (monitored test images)")
         ax.set_ylabel("accuracy (%)")
     axes[2].set_title("training loss terms (epoch mean)")
-    if all(v > 0 for line in axes[2].lines for v in line.get_ydata()):
-        axes[2].set_yscale("log")  # the terms differ by orders of magnitude
+    axes[2].set_ylabel("loss (epoch mean)")
+    if share:
+        axes[3].set_title("lambda(t) and gradient share")
+        axes[3].set_ylabel("lambda(t), grad/share")
+    for ax in axes[2:]:
+        log_if_positive(ax)
     for ax in axes:
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs, not 1.5, 2.5
         ax.grid(alpha=0.3)
-    axes[1].legend(fontsize=7, loc="best")
-    axes[2].legend(fontsize=7, loc="best")
-    fig.tight_layout()
+    figure_legend(fig, axes)
     return fig
 
 

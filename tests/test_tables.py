@@ -83,6 +83,29 @@ def test_table_shows_every_row_of_a_run_evaluated_under_several_settings(evaluat
     assert len({(r[0], r[1]) for r in rows}) == 3  # no two rows look alike
     md = (evaluated / "a" / "results.md").read_text().splitlines()  # results.md: the same rows, oldest first
     assert md == lines[2:][::-1]
+
+
+def test_table_and_results_md_show_test_ltp_and_neighbour_agreement(evaluated, tmp_path, capsys):
+    """The project's own metrics, test L_TP and nbr, were in eval.json but in no column. Now L_TP (3 decimals) and
+    nbr@30 (natural / robust, %) in --table and results.md; the rows measured without them (old eval.json files too)
+    say '-'."""
+    run = tmp_path / "a"
+    shutil.copytree(evaluated / "a", run)
+    run_main(["--eval", str(run / "last.pt"), "--metrics", "tp,nbr", "--eps", "0.05", "--eval-steps", "3"])
+    ev = json.loads((run / "eval.json").read_text())
+    lines = table([run], capsys)
+    head, rows = cells(lines[0]), [cells(line) for line in lines[2:]]
+    assert head[-3:] == ["L_TP", "nbr@30", "checkpoint"] and all(len(r) == len(head) for r in rows)
+    ltp, nbr = head.index("L_TP"), head.index("nbr@30")
+    assert rows[0][ltp] == f"{ev['test_ltp']:.3f}"  # the latest row: measured into it (same settings)
+    assert rows[0][nbr] == f"{100 * ev['nbr']['natural']['30']:.2f} / {100 * ev['nbr']['robust']['30']:.2f}"
+    assert len(rows) == 3 and all(r[ltp] == r[nbr] == "-" for r in rows[1:])  # rows without them
+    assert (run / "results.md").read_text().splitlines() == lines[2:][::-1]
+    old = {k: v for k, v in ev.items() if k not in ("test_ltp", "nbr", "earlier")}  # an eval.json of older code
+    old["nbr"] = {"natural": {"10": 0.25}, "robust": {"10": 0.125}}  # evaluated with --nbr-k 10 only
+    (run / "eval.json").write_text(json.dumps(old))
+    row = cells(table([run], capsys)[2])
+    assert row[ltp] == "-" and row[nbr] == "25.00 / 12.50 (k=10)"
 # ------------------------------------------------------------------------------------- --plot
 def test_plot_of_one_run_writes_curves_png_in_its_folder(evaluated, tmp_path, capsys):
     shutil.copytree(evaluated / "a", tmp_path / "a")
@@ -103,13 +126,57 @@ def test_plot_of_several_runs_writes_into_their_common_parent(evaluated, tmp_pat
 def test_curves_figure_draws_m_prime_solid_m_dashed_and_every_loss_term(evaluated):
     rows = read_rows(evaluated / "a")
     fig = runs.curves_figure({"a": [rows]})
-    nat, pgd, loss = fig.axes
+    nat, pgd, loss = fig.axes[:3]  # a TRAIN run: the lambda / share panel after them (test_plot_draws_lambda...)
     style = {line.get_label(): line.get_linestyle() for line in nat.lines}
     assert style == {"a M'": "-", "a M": "--"}
     assert [list(line.get_ydata()) for line in pgd.lines] == [[100 * r[k] for r in rows]
                                                              for k in ("pgd2_acc", "std_pgd2_acc")]
     terms = sorted(k[5:] for k in rows[0] if k.startswith("loss/"))
     assert sorted(line.get_label() for line in loss.lines) == terms and "total" in terms
+
+
+def figure_facts(fig):
+    """What a reader of the PNG relies on, without pixels: (one figure legend holding every curve, no legend of an
+    axis, the legend overlapping no panel, every axis labelled, integer epoch ticks only)."""
+    fig.canvas.draw()  # lays the figure out
+    renderer = fig.canvas.get_renderer()
+    curves = {line.get_label() for ax in fig.axes for line in ax.lines if not line.get_label().startswith("_")}
+    legend = fig.legends[0] if len(fig.legends) == 1 else None
+    return (legend is not None and {t.get_text() for t in legend.get_texts()} == curves,
+            all(ax.get_legend() is None for ax in fig.axes),
+            legend is not None and not any(legend.get_window_extent(renderer).overlaps(ax.get_tightbbox(renderer))
+                                           for ax in fig.axes),
+            all(ax.get_xlabel() and ax.get_ylabel() for ax in fig.axes),
+            all(float(t).is_integer() for ax in fig.axes for t in ax.get_xticks()))
+
+
+def test_curves_figure_has_one_legend_hiding_nothing_labelled_axes_and_integer_epochs(evaluated):
+    """The M'/M legend was in one panel only, the loss legend covered a curve, the loss panel had no y label and
+    epochs were ticked at 1.5, 2.5. A run without the gradient probe (constant lambda): three panels."""
+    rows = [{k: v for k, v in r.items() if not k.startswith("grad/")} for r in read_rows(evaluated / "a")]
+    for curves in ({"a": [rows]}, {"a": [rows], "b": [rows[:1]]}):
+        fig = runs.curves_figure(curves)
+        assert len(fig.axes) == 3 and figure_facts(fig) == (True,) * 5
+        assert fig.axes[2].get_ylabel() == "loss (epoch mean)"
+
+
+def test_plot_draws_lambda_and_the_gradient_share_when_the_run_logged_them(evaluated, tmp_path):
+    """--lam share:S runs log lambda(t), share_target and grad/share per epoch: a fourth panel draws them (and the
+    probe's share of a constant lambda); log scale when all are positive."""
+    npz = write_npz(tmp_path / "data.npz")
+    run_main(tiny_args(npz, tmp_path / "share", "--method", "trades", "--train", "--lam", "share:0.2"))
+    rows = read_rows(tmp_path / "share")
+    assert len({r["lambda"] for r in rows}) == 2 and all("grad/share" in r for r in rows)
+    for curves in ({"share": [rows]}, {"share": [rows], "const": [read_rows(evaluated / "a")]}):
+        fig = runs.curves_figure(curves)
+        assert len(fig.axes) == 4 and figure_facts(fig) == (True,) * 5
+        panel = fig.axes[3]
+        assert panel.get_title() == "lambda(t) and gradient share" and panel.get_yscale() == "log"
+        drawn = {line.get_label(): list(line.get_ydata()) for line in panel.lines}
+        prefix = "" if len(curves) == 1 else "share "
+        assert drawn[prefix + "lambda(t)"] == [r["lambda"] for r in rows]
+        assert drawn[prefix + "grad/share"] == [r["grad/share"] for r in rows]
+    assert os.path.getsize(run_main(["--plot", str(tmp_path / "share")])) > 0
 
 
 def test_curves_of_a_study_are_the_mean_over_seeds(evaluated, tmp_path):
