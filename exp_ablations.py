@@ -901,11 +901,11 @@ TRANSFER_LRS = (0.1, 0.2, 0.4)  # arm B's lr grid: unchanged, sqrt-scaled (x2), 
 TRANSFER_LR_SEED = 1
 TRANSFER_BIG = 512
 TRANSFER_ARMS = ("lr", "scale", "batch")
-# Core-minutes of one run (one thread): training + evaluation by batch size (lr runs: no test evaluation). First
-# estimates from the time study of this step (2026-12-07, Intel Xeon with AVX-512, one thread, channels_last: 0.56 s
-# a step at batch 128, 2.40 s at 512: ~105-115 s an epoch of 24,000 images) plus ~10 s of monitoring an epoch and
-# ~7 min of evaluation; the first runs' own times replace them (results/transfer.md).
-TRANSFER_MINUTES = {(128, "full"): 25, (512, "full"): 25, (512, "val"): 17}
+# Core-minutes of one run (one thread): training + evaluation by batch size (lr runs: no test evaluation). Estimated
+# before the runs from the time study of this step (25 / 25 / 17); measured in sitting 1 (2026-12-07, Intel Xeon, two
+# one-thread workers): batch-512 lr runs 17 min (~2 min an epoch); batch-128 runs 24-26 min (training 15.7-17.7,
+# evaluation ~8.5).
+TRANSFER_MINUTES = {(128, "full"): 26, (512, "full"): 26, (512, "val"): 17}
 
 
 def transfer_settings(lam, seed, batch=128, beta=6.0, lr=None):
