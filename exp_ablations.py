@@ -597,10 +597,11 @@ class Preregistered:
             commit_results(kept, f"{message} ({os.path.basename(kept)})", log)
         return True
 
-    def finished(self, settings):
-        """(eval.json dict, metrics.jsonl rows) of a kept run, else None."""
-        d = settings and self.saved_dir(settings)
-        return d and (runs.read_json(os.path.join(d, "eval.json")), runs.read_metrics(d))
+    def finished(self, settings, evaluated=True):
+        """(eval.json dict, metrics.jsonl rows) of a kept run, else None; evaluated=False (a selection run kept
+        without eval.json): (None, rows)."""
+        d = settings and self.saved_dir(settings, evaluated)
+        return d and (runs.read_json(os.path.join(d, "eval.json")) if evaluated else None, runs.read_metrics(d))
 
     def write_report(self, text, figures, log):
         """tables.md (and the figures: {file name: draw(path)}) into results/<study>/."""
@@ -1256,10 +1257,9 @@ def transfer_report(ts, lr_star, log):
     done = []  # (arm, settings, eval.json dict or None, transfer_values, metrics rows)
     for arm, st in transfer_runs():
         actual = ts.resolve(st, lr_star)
-        d = actual and ts.saved_dir(actual, evaluated=arm != "lr")
-        if d:
-            ev = runs.read_json(os.path.join(d, "eval.json")) if arm != "lr" else None
-            rows = runs.read_metrics(d)
+        got = ts.finished(actual, evaluated=arm != "lr")
+        if got:
+            ev, rows = got
             done.append((arm, actual, ev, transfer_values(ev, rows), rows))
     text = [f"Transfer study: {len(done)} of {len(transfer_runs())} runs finished.", ""] + lr_table(done, lr_star)
     text += [""] + arm_table(done, "scale") + [""] + tradeoff_table(done)
