@@ -1098,7 +1098,7 @@ def arm_table(done, arm):
     for a, st, _, v, _ in done:
         if a == arm:
             groups.setdefault(config_key(st), {})[st["seed"]] = (st, v)
-    batch = next(iter(groups))[0] if groups else "-"
+    batch = TRANSFER_BIG if arm == "batch" else 128  # transfer_settings' default batch (arm S)
     base = groups.get((batch, "0", 6.0), {})
     title = f"## Arm {'S' if arm == 'scale' else 'B'} — batch {batch}"
     out = [title, "", "Means ± std over seeds (%; test L_TP as is); natural, PGD-20, nbr and L_TP on all 10,000 test "
