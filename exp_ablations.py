@@ -561,11 +561,14 @@ class Preregistered:
         return d
 
     def status(self, settings, evaluated=True):
+        """'done' only once the run's small files are kept under results/; a run that finished training but not its
+        evaluation (stopped in it) or its keeping is 'trained', and the study's next pass evaluates and keeps it."""
         if settings is None:
             return "waits"
         if self.saved_dir(settings, evaluated):
             return "done"
-        return runs.run_status(self.study.dir_of(settings))
+        status = runs.run_status(self.study.dir_of(settings))
+        return "trained" if status == "done" else status
 
     def keep(self, settings):
         """Copy a finished, evaluated run's small files into results/<study>/<name>/ -> that folder."""

@@ -87,6 +87,20 @@ def test_a_tiny_transfer_study_runs_keeps_and_rebuilds(tiny_npz, tmp_path, monke
     assert {ev["n_test"]} | {r["n_test"] for r in ev.get("earlier", [])} == {32, 16}  # all test images, the first 16
     assert "| TRADES + TRAIN (share 0.15), batch 16 | 7 |" in text and "above the PGD-20 line" in text
     assert (results / "transfer.png").is_file()
+    # a run stopped in its evaluation (after the all-images row, before the first-16 one) and never kept: listed as
+    # trained, not done; the next pass evaluates and keeps it without training it again
+    run_dir = runs_dir / "transfer_cpu" / share_run.name
+    stamp = os.stat(run_dir / "last.pt").st_mtime_ns
+    json.dump({**next(r for r in ev["earlier"] if r["n_test"] == 32), "format": 2}, open(run_dir / "eval.json", "w"))
+    shutil.rmtree(share_run)
+    capsys.readouterr()
+    ab.transfer_study(ab.TRANSFER_ARMS, args, True, print, results_root=str(results))
+    left = [l for l in capsys.readouterr().out.splitlines() if l.startswith("[") and not l.startswith("[done]")]
+    assert len(left) == 1 and left[0].startswith("[trained]") and left[0].endswith(share_run.name)
+    ab.transfer_study(ab.TRANSFER_ARMS, args, False, print, results_root=str(results))
+    again = json.load(open(share_run / "eval.json"))
+    assert {again["n_test"]} | {r["n_test"] for r in again.get("earlier", [])} == {32, 16}
+    assert os.stat(run_dir / "last.pt").st_mtime_ns == stamp
     capsys.readouterr()
     shutil.rmtree(runs_dir)  # a new machine: nothing is retrained, the tables come back the same
     ab.transfer_study(ab.TRANSFER_ARMS, args, True, print, results_root=str(results))
