@@ -1424,20 +1424,32 @@ class Interrupted(Exception):
         self.code = code
 
 
+@contextlib.contextmanager
+def on_stop_signals(handler):
+    """Ctrl-C and SIGTERM (what cluster schedulers send before killing a job) go to handler(signum, frame) inside
+    the block; the previous handlers come back after it. A handler installed outside Python (getsignal: None)
+    is left alone, as Python could not restore it."""
+    old = {}
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        if signal.getsignal(sig) is not None:
+            old[sig] = signal.signal(sig, handler)
+    try:
+        yield
+    finally:
+        for sig, h in old.items():
+            signal.signal(sig, h)
+
+
 class StopFlag:
-    """Ctrl-C or SIGTERM (what cluster schedulers send before killing a job) sets the flag; the loop
-    saves a checkpoint at the next step boundary and stops. A second Ctrl-C interrupts at once."""
+    """Ctrl-C or SIGTERM sets the flag; the loop saves a checkpoint at the next step boundary and stops.
+    A second Ctrl-C interrupts at once."""
     requested = False
     signal_number = signal.SIGINT
 
     def __enter__(self):
         StopFlag.requested = False
-        self.old = {}
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            old = signal.getsignal(sig)
-            if old is not None:  # None: installed outside Python; leave it alone
-                self.old[sig] = old
-                signal.signal(sig, self._handler)
+        self.signals = on_stop_signals(self._handler)
+        self.signals.__enter__()
         return self
 
     def _handler(self, signum, _frame):
@@ -1448,8 +1460,7 @@ class StopFlag:
                    + (" (Ctrl-C again to abort)" if signum == signal.SIGINT else ""))
 
     def __exit__(self, *exc):
-        for sig, old in self.old.items():
-            signal.signal(sig, old)
+        return self.signals.__exit__(*exc)
 
     @staticmethod
     def exit_code():

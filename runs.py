@@ -30,7 +30,8 @@ import distributed
 from common import (AMP_DTYPES, BASE_METHODS, Diverged, EVAL_METRICS, FolderInUse, Interrupted, Lambda, MODELS, Models,
                     Normalized, RELATION_LOSSES, SanityError, TORCHVISION_SETS, UserError, bare_state_dict,
                     build_model, build_models, check_known_checkpoint, checkpoint_kind, evaluate_models, fit_weights,
-                    hold_out_validation, load_checkpoint, load_data, save_atomic, std_arch_of, train)
+                    hold_out_validation, load_checkpoint, load_data, on_stop_signals, save_atomic, std_arch_of,
+                    train)
 from kernels import triton_available
 
 
@@ -1151,12 +1152,8 @@ def signals_stop(message):
     instead of dying silently; nothing is written inside the block, so nothing is half-written."""
     def stop(signum, _frame):
         raise Interrupted(f"{signal.Signals(signum).name}: {message}", 128 + signum)
-    old = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
+    with on_stop_signals(stop):
         yield
-    finally:
-        for s, h in old.items():
-            signal.signal(s, h if h is not None else signal.SIG_DFL)  # None: a handler set outside Python
 
 
 def evaluate_run(ckpt, ecfg, out_dir, log=print):

@@ -207,6 +207,20 @@ def test_a_start_that_failed_before_its_first_checkpoint_restarts_with_the_same_
     assert "already holds a run" in refused(argv, capsys)
 
 
+def test_stop_signal_handlers_are_restored_and_one_set_outside_python_is_left_alone(monkeypatch):
+    def mine(*_):
+        pass
+    before, int_before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+    with common.on_stop_signals(mine):
+        assert signal.getsignal(signal.SIGTERM) is mine and signal.getsignal(signal.SIGINT) is mine
+    assert signal.getsignal(signal.SIGTERM) is before
+    getsignal = signal.getsignal  # None: what Python reports for a handler installed by C code
+    monkeypatch.setattr(signal, "getsignal", lambda s: None if s == signal.SIGTERM else getsignal(s))
+    with common.on_stop_signals(mine):
+        assert getsignal(signal.SIGTERM) is before and getsignal(signal.SIGINT) is mine
+    assert getsignal(signal.SIGINT) is int_before
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_a_signal_saves_a_checkpoint_and_exits_128_plus_its_number(sig, finished, tmp_path):
