@@ -583,18 +583,18 @@ class Preregistered:
         """Train (or resume) one run, evaluate last.pt with each EvalConfig of ecfgs (rows of its eval.json; none: a
         run never evaluated on the test set), keep its small files and (--commit) commit them -> False when it
         diverged or another process holds it."""
+        run_dir = self.study.dir_of(settings)
         try:
             r = run_and_evaluate(self.study, label, settings, ecfgs[0] if ecfgs else None, False, log, ckpt="last.pt")
-        except common.FolderInUse:
+            if "failed" in r:
+                return False
+            for ecfg in ecfgs[1:]:  # further rows (e.g. other test_n): evaluated once, as the first
+                have = {r.get("n_test") for r, _ in runs.eval_rows(runs.read_json(os.path.join(run_dir, "eval.json")))}
+                if ecfg.test_n not in have:
+                    runs.evaluate_run(os.path.join(run_dir, "last.pt"), ecfg, run_dir)
+        except common.FolderInUse:  # also while another process evaluates a trained run
             log(f"{label}: another process is running it; skipped")
             return False
-        if "failed" in r:
-            return False
-        run_dir = self.study.dir_of(settings)
-        for ecfg in ecfgs[1:]:  # further rows (e.g. other test_n): evaluated once, as the first
-            have = {r.get("n_test") for r, _ in runs.eval_rows(runs.read_json(os.path.join(run_dir, "eval.json")))}
-            if ecfg.test_n not in have:
-                runs.evaluate_run(os.path.join(run_dir, "last.pt"), ecfg, run_dir)
         kept = self.keep(settings)
         if commit:
             commit_results(kept, f"{message} ({os.path.basename(kept)})", log)

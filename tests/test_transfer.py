@@ -9,6 +9,7 @@ import pytest
 
 import common
 import exp_ablations as ab
+import runs
 from test_response import TINY
 
 
@@ -97,6 +98,9 @@ def test_a_tiny_transfer_study_runs_keeps_and_rebuilds(tiny_npz, tmp_path, monke
     ab.transfer_study(ab.TRANSFER_ARMS, args, True, print, results_root=str(results))
     left = [l for l in capsys.readouterr().out.splitlines() if l.startswith("[") and not l.startswith("[done]")]
     assert len(left) == 1 and left[0].startswith("[trained]") and left[0].endswith(share_run.name)
+    with runs.run_lock(str(run_dir)):  # another process evaluates it now: skipped, not an error
+        ab.transfer_study(ab.TRANSFER_ARMS, args, False, print, results_root=str(results))
+    assert "another process is running it; skipped" in capsys.readouterr().out and not share_run.exists()
     ab.transfer_study(ab.TRANSFER_ARMS, args, False, print, results_root=str(results))
     again = json.load(open(share_run / "eval.json"))
     assert {again["n_test"]} | {r["n_test"] for r in again.get("earlier", [])} == {32, 16}
