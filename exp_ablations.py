@@ -347,12 +347,12 @@ def evidence_values(r):
             "test_ltp": r.get("test_ltp"), "std_natural": r.get("std_natural")}
 
 
-def mean_std(values):
-    """'m ± s' of the values present (sample std); '-' when none."""
+def mean_std(values, digits=2):
+    """'m ± s' of the values present (sample std), with digits decimals; '-' when none."""
     v = [x for x in values if x is not None]
     if not v:
         return "-"
-    return f"{statistics.mean(v):.2f} ± {statistics.stdev(v):.2f}" if len(v) > 1 else f"{v[0]:.2f}"
+    return f"{statistics.mean(v):.{digits}f} ± {statistics.stdev(v):.{digits}f}" if len(v) > 1 else f"{v[0]:.{digits}f}"
 
 
 def scaled(key, v):
@@ -1200,8 +1200,8 @@ def transfer_table(done):
             d = [100 * (v[m] - base[s][m]) for s, v in seeds.items() if s in base and v[m] is not None
                  and base[s][m] is not None]
             cells.append(f"{mean_std(d)} ({sum(x > 0 for x in d)}/{len(d)})" if d else "-")
-        share = mean_std([v["share_mean"] for v in seeds.values()]) if seeds else "-"
-        lam_mean = mean_std([statistics.mean(v["lam"]) for v in seeds.values()])
+        share = mean_std([v["share_mean"] for v in seeds.values()], 3) if seeds else "-"
+        lam_mean = mean_std([statistics.mean(v["lam"]) for v in seeds.values()], 3)  # 0.025 is not 0.03
         out.append(f"| {lam} | {batch} | {','.join(map(str, sorted(seeds)))} | " + " | ".join(cells)
                    + f" | {share} | {lam_mean} |")
     return out
