@@ -1230,10 +1230,17 @@ def aa_cell(res, pct):
     return f"{pct(res['aa'])} (n={res['aa_n']}{on_them})"
 
 
+def k_shown(by_k, k):
+    """The k whose value a cell shows of a {"natural": {k: ...}, "robust": {...}} metric (kNN, neighbour agreement):
+    k itself, else the first k evaluated; None when none was."""
+    ks = (by_k or {}).get("natural", {})
+    return k if k in ks else next(iter(ks), None)
+
+
 def nbr_cell(res, pct, k="30"):
     """Neighbour agreement natural / robust at k=30; a run evaluated without k=30: the first k, which the cell names."""
-    nbr = res.get("nbr") or {}
-    kk = k if k in nbr.get("natural", {}) else next(iter(nbr.get("natural", {})), None)
+    nbr = res.get("nbr")
+    kk = k_shown(nbr, k)
     if kk is None:
         return "-"
     return f"{pct(nbr['natural'][kk])} / {pct(nbr['robust'][kk])}" + ("" if kk == k else f" (k={kk})")
@@ -1246,8 +1253,8 @@ def results_row(res, k="30", note=""):
     A metric not in eval.json (not measured, or older code) is '-'."""
     def pct(v):
         return "-" if v is None else f"{100 * v:.2f}"
-    knn = res.get("knn") or {}
-    kk = k if k in knn.get("natural", {}) else next(iter(knn.get("natural", {})), None)
+    knn = res.get("knn")
+    kk = k_shown(knn, k)
     steps_note = "" if res.get("pgd_steps", 20) == 20 else f" ({res['pgd_steps']} steps)"
     aa = aa_cell(res, pct)
     cells = [row_label(res, note), f"{res['eps'] * 255:.2f}/255",
