@@ -352,7 +352,9 @@ def mean_std(values, digits=2):
     v = [x for x in values if x is not None]
     if not v:
         return "-"
-    return f"{statistics.mean(v):.{digits}f} ± {statistics.stdev(v):.{digits}f}" if len(v) > 1 else f"{v[0]:.{digits}f}"
+    if len(v) == 1:
+        return f"{v[0]:.{digits}f}"
+    return f"{statistics.mean(v):.{digits}f} ± {statistics.stdev(v):.{digits}f}"
 
 
 def scaled(key, v):
@@ -589,7 +591,8 @@ class Preregistered:
             if "failed" in r:
                 return False
             for ecfg in ecfgs[1:]:  # further rows (e.g. other test_n): evaluated once, as the first
-                have = {r.get("n_test") for r, _ in runs.eval_rows(runs.read_json(os.path.join(run_dir, "eval.json")))}
+                rows = runs.eval_rows(runs.read_json(os.path.join(run_dir, "eval.json")))
+                have = {row.get("n_test") for row, _ in rows}
                 if ecfg.test_n not in have:
                     runs.evaluate_run(os.path.join(run_dir, "last.pt"), ecfg, run_dir)
         except common.FolderInUse:  # also while another process evaluates a trained run

@@ -238,6 +238,7 @@ def test_a_signal_during_eval_is_one_line_and_leaves_eval_json_as_it_was(sig, co
         os.kill(os.getpid(), sig)
         return real(*a, **kw)
     monkeypatch.setattr(runs, "evaluate_models", interrupted)
+    handlers = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
     capsys.readouterr()
     with pytest.raises(SystemExit) as e:
         common.main(DEFAULTS, ["--eval", str(plain_run / "last.pt"), "--metrics", "nat,pgd", "--device", "cpu"],
@@ -246,4 +247,4 @@ def test_a_signal_during_eval_is_one_line_and_leaves_eval_json_as_it_was(sig, co
     assert e.value.code == code and len(err.splitlines()) == 1 and "Traceback" not in err
     assert signal.Signals(sig).name in err and "eval.json is unchanged" in err
     assert (plain_run / "eval.json").read_text() == before
-    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL or callable(signal.getsignal(signal.SIGTERM))
+    assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == handlers  # restored as they were
